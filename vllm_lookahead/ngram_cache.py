@@ -1,0 +1,99 @@
+"""The n-gram pool: context key → bounded LRU of (N-1)-token continuations.
+
+An n-gram `t[s], t[s+1], ..., t[s+N-1]` is stored under the keys `t[s-k+1 .. s]` for every key
+length k = 1 .. max_key_len (LADE keys by the first token only, k = 1). Lookup tries the longest
+key that matches the end of the context, then shorter ones, and returns that key's most recently
+refreshed continuation. Each key keeps at most `capacity` continuations (LADE's GUESS_SET_SIZE):
+re-inserting one moves it to the most-recent end, a new one on a full key evicts the oldest.
+
+Python dicts keep insertion order, so one dict per key is an O(1) LRU (pop + re-insert to
+refresh, first key to evict); the per-step work is building the n-gram arrays, done with numpy.
+"""
+
+from __future__ import annotations
+
+import enum
+from itertools import compress
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+Key = tuple[int, ...]
+Continuation = tuple[int, ...]
+
+
+class Origin(enum.IntEnum):
+    """Where an n-gram was first seen; kept across refreshes so proposals can be attributed."""
+
+    PROMPT = 0
+    OUTPUT = 1
+    TRAJECTORY = 2
+
+
+class NGramPool:
+    def __init__(self, ngram_size: int, capacity: int, max_key_len: int) -> None:
+        if ngram_size < 2:
+            raise ValueError(f"ngram_size must be >= 2, got {ngram_size}")
+        self.cont_len = ngram_size - 1
+        self.capacity = capacity
+        self.max_key_len = max_key_len
+        self._table: dict[Key, dict[Continuation, Origin]] = {}
+        self.num_continuations = 0
+
+    def __len__(self) -> int:
+        return self.num_continuations
+
+    @property
+    def num_keys(self) -> int:
+        return len(self._table)
+
+    def add(self, seq: np.ndarray, starts: np.ndarray, conts: np.ndarray, origin: Origin) -> None:
+        """Insert continuation `conts[i]` under every key of `seq` that ends at `starts[i]`."""
+        if len(starts) == 0:
+            return
+        cont_tuples = list(map(tuple, conts.tolist()))
+        for k in range(1, self.max_key_len + 1):
+            has_key = starts >= k - 1
+            if not has_key.any():
+                break
+            key_idx = starts[has_key][:, None] + np.arange(1 - k, 1)
+            for key, cont in zip(map(tuple, seq[key_idx].tolist()),
+                                 compress(cont_tuples, has_key), strict=True):
+                self._insert(key, cont, origin)
+
+    def add_sequence(self, seq: np.ndarray, first_start: int, origin: Origin) -> None:
+        """Insert every n-gram of `seq` that starts at index `first_start` or later."""
+        n = self.cont_len + 1
+        first_start = max(first_start, 0)
+        if len(seq) - first_start < n:
+            return
+        grams = sliding_window_view(seq, n)[first_start:]
+        self.add(seq, np.arange(first_start, first_start + len(grams)), grams[:, 1:], origin)
+
+    def lookup(self, context: np.ndarray) -> tuple[Continuation, Origin] | None:
+        """The most recent continuation under the longest key that ends the context."""
+        tail = context[-self.max_key_len:].tolist()
+        for k in range(len(tail), 0, -1):
+            bucket = self._table.get(tuple(tail[-k:]))
+            if bucket:
+                cont = next(reversed(bucket))
+                return cont, bucket[cont]
+        return None
+
+    def continuations(self, key: Key) -> list[Continuation]:
+        """Continuations stored under `key`, oldest first."""
+        return list(self._table.get(key, ()))
+
+    def _insert(self, key: Key, cont: Continuation, origin: Origin) -> None:
+        bucket = self._table.get(key)
+        if bucket is None:
+            self._table[key] = {cont: origin}
+            self.num_continuations += 1
+            return
+        first_origin = bucket.pop(cont, None)
+        if first_origin is None:
+            if len(bucket) >= self.capacity:
+                del bucket[next(iter(bucket))]
+            else:
+                self.num_continuations += 1
+        bucket[cont] = origin if first_origin is None else first_origin

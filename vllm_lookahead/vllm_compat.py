@@ -1,0 +1,243 @@
+"""Every touch of vLLM internals on the worker side, for the vLLM versions we support.
+
+Hooks (idempotent, installed when the proposer is built, so they exist in exactly the processes that
+run a lookahead drafter, even where `VLLM_PLUGINS` filtered the entry point):
+
+* `GPUModelRunner._sample` (inherited by `CPUModelRunner`) binds the proposer to its runner and
+  records the chain verified this step with the target's greedy prediction at every position.
+  CUDA: an on-device argmax over the draft rows and a non-blocking copy to pinned memory; the
+  runner's own `.cpu()` in `_bookkeeping_sync` completes it before `propose` reads it.
+  CPU: the rejection sampler's own fp32 argmax, read through a tap on its greedy kernel dispatcher,
+  so nothing is recomputed; only a batch whose requests all sample (no greedy row, so no argmax
+  in vLLM) pays an argmax over the draft rows.
+* `GPUModelRunner._on_request_state_removed` frees a finished or aborted request's state.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vllm_lookahead.proposer import LookaheadProposer, RequestInfo
+from vllm_lookahead.trajectory import StepTrajectory
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32", "0.33")
+ALLOW_UNTESTED_ENV = "VLLM_LOOKAHEAD_ALLOW_UNTESTED_VLLM"
+_MARK = "_vllm_lookahead_hook"
+
+
+class UnsupportedVLLMError(RuntimeError):
+    pass
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def check_vllm_version() -> str:
+    version = vllm_version()
+    if version.startswith(tuple(v + "." for v in SUPPORTED_VLLM)):
+        return version
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        logger.warning("vllm-lookahead: vLLM %s is untested (supported: %s); %s=1 is set, "
+                       "continuing", version, ", ".join(SUPPORTED_VLLM), ALLOW_UNTESTED_ENV)
+        return version
+    raise UnsupportedVLLMError(
+        f"vllm-lookahead supports vLLM {' and '.join(SUPPORTED_VLLM)} (found {version}): it hooks "
+        f"private runner methods that change between releases. Set {ALLOW_UNTESTED_ENV}=1 to try "
+        "anyway; outputs stay exact (vLLM verifies every draft) but hooks may fail.")
+
+
+def install_runner_hooks() -> None:
+    check_vllm_version()
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _require(GPUModelRunner, "_sample", ("self", "logits", "spec_decode_metadata"))
+    _wrap(GPUModelRunner, "_sample", _sample_hook)
+    if hasattr(GPUModelRunner, "_on_request_state_removed"):
+        _wrap(GPUModelRunner, "_on_request_state_removed", _removed_hook)
+    else:
+        logger.info("vllm-lookahead: no _on_request_state_removed in this vLLM; finished "
+                    "requests are swept periodically instead")
+    if not isinstance(rejection_sampler._rejection_greedy_sample, _GreedyArgmaxTap):
+        rejection_sampler._rejection_greedy_sample = _GreedyArgmaxTap(
+            rejection_sampler._rejection_greedy_sample)
+
+
+def _require(cls: type, name: str, params: tuple[str, ...]) -> None:
+    fn = getattr(cls, name, None)
+    fn = getattr(fn, "__wrapped__", fn)
+    if fn is None or tuple(inspect.signature(fn).parameters)[:len(params)] != params:
+        raise UnsupportedVLLMError(
+            f"vllm-lookahead: {cls.__name__}.{name}{params} not found in vLLM {vllm_version()}; "
+            "this vLLM build is not supported")
+
+
+def _wrap(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = getattr(cls, name)
+    if getattr(original, _MARK, False):
+        return
+    hooked = functools.wraps(original)(make(original))
+    setattr(hooked, _MARK, True)
+    setattr(cls, name, hooked)
+
+
+def _sample_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+        drafter = getattr(self, "drafter", None)
+        if not isinstance(drafter, LookaheadProposer):
+            return original(self, logits, spec_decode_metadata)
+        drafter.bind_runner(self)
+        if spec_decode_metadata is None or logits is None:
+            drafter.set_trajectory(None)
+            return original(self, logits, spec_decode_metadata)
+        capture = _Capture(self, logits, spec_decode_metadata)
+        _TAP_SLOT[0] = capture
+        try:
+            output = original(self, logits, spec_decode_metadata)
+        finally:
+            _TAP_SLOT[0] = None
+        drafter.set_trajectory(capture.finish())
+        return output
+
+    return _sample
+
+
+def _removed_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _on_request_state_removed(self: Any, req_id: str, req_state: Any) -> None:
+        original(self, req_id, req_state)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, LookaheadProposer):
+            drafter.on_request_removed(req_id)
+
+    return _on_request_state_removed
+
+
+class _Capture:
+    """One step's verified chains and target predictions, gathered around `_sample`."""
+
+    def __init__(self, runner: Any, logits: Any, meta: Any) -> None:
+        batch = runner.input_batch
+        num_reqs = len(meta.num_draft_tokens)
+        self.req_ids = list(batch.req_ids[:num_reqs])
+        # Before bookkeeping, num_tokens_no_spec still counts the tokens committed before the step.
+        self.bases = batch.num_tokens_no_spec[:num_reqs].copy()
+        self.cu = np.concatenate([[0], np.cumsum(meta.num_draft_tokens)]).astype(np.int64)
+        self.logits = logits
+        self.meta = meta
+        self.tapped: np.ndarray | None = None
+        self.on_device = logits.device.type != "cpu"
+        needs_own_argmax = self.on_device or batch.sampling_metadata.all_random
+        self.resolve = self._device_argmax() if needs_own_argmax else None
+
+    def on_greedy_argmax(self, target_argmax: Any) -> None:
+        if self.resolve is None:
+            self.tapped = target_argmax.numpy().copy()
+
+    def finish(self) -> StepTrajectory | None:
+        if int(self.cu[-1]) == 0:
+            return None
+        argmax = self.resolve
+        if argmax is None:
+            if self.tapped is None:
+                logger.warning("vllm-lookahead: the rejection sampler's argmax was not seen this "
+                               "step; computing it (slower)")
+                argmax = self._device_argmax()
+            else:
+                tapped = self.tapped
+                argmax = lambda: tapped  # noqa: E731
+        drafts = _host_copy(self.meta.draft_token_ids)
+        return StepTrajectory(self.req_ids, self.bases, self.cu,
+                              lambda: (drafts(), argmax()))
+
+    def _device_argmax(self) -> Callable[[], np.ndarray]:
+        rows = self.logits[self.meta.target_logits_indices]
+        return _host_copy(rows.argmax(dim=-1))
+
+
+def _host_copy(tensor: Any) -> Callable[[], np.ndarray]:
+    """Start copying a tensor to the host; the returned function yields it as numpy."""
+    if tensor.device.type == "cpu":
+        array = tensor.numpy().copy()
+        return lambda: array
+    import torch
+
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> np.ndarray:
+        done.synchronize()
+        return host.numpy()
+
+    return wait
+
+
+_TAP_SLOT: list[_Capture | None] = [None]
+
+
+class _GreedyArgmaxTap:
+    """Stands in for vLLM's `_rejection_greedy_sample` dispatcher and forwards everything to it,
+    handing the `target_argmax` it receives to the capture in progress."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        params = list(inspect.signature(getattr(inner, "__wrapped__", inner)).parameters)
+        if "target_argmax" not in params:
+            raise UnsupportedVLLMError(
+                "vllm-lookahead: rejection_sampler._rejection_greedy_sample has no "
+                f"target_argmax parameter in vLLM {vllm_version()}")
+        self._argmax_pos = params.index("target_argmax")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        capture = _TAP_SLOT[0]
+        if capture is not None:
+            argmax = kwargs["target_argmax"] if "target_argmax" in kwargs \
+                else args[self._argmax_pos]
+            capture.on_greedy_argmax(argmax)
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def batch_req_ids(runner: Any, num_rows: int) -> list[str]:
+    return list(runner.input_batch.req_ids[:num_rows])
+
+
+class RunnerRequests:
+    """The runner's live requests, as the drafter needs them."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+
+    def owner(self, req_id: str) -> object | None:
+        return self._runner.requests.get(req_id)
+
+    def info(self, row: int, req_id: str) -> RequestInfo:
+        owner = self._runner.requests[req_id]
+        params = owner.sampling_params
+        stops = getattr(params, "all_stop_token_ids", None) or ()
+        return RequestInfo(owner=owner,
+                           num_prompt_tokens=int(self._runner.input_batch.num_prompt_tokens[row]),
+                           stop_token_ids=frozenset(int(t) for t in stops))
+
+
+def worker_stats(worker: Any) -> dict[str, Any] | None:
+    """The proposer's statistics in one worker: `llm.collective_rpc(worker_stats)`."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    if not isinstance(drafter, LookaheadProposer):
+        return None
+    return drafter.drafter.snapshot()
