@@ -6,9 +6,13 @@ for index `base + j` given the committed tokens and `d[:j]`. With `a` drafts acc
 `d[:a]` plus one token at index `base + a`, so the predictions `y[a+1:]` are for exactly the next
 unknown indices: they are the next Jacobi iterate and become the new guesses, position-exact.
 
-Every prediction also closes an n-gram whose last token the model predicted from the n-1 tokens
-before it (committed tokens, then the chain); those past the first rejection are the trajectory
-n-grams LADE harvests, and go into the pool.
+Harvesting follows LADE's diagonals. `y[j]` was predicted right after the input `d[j-1]`; if that
+input was itself a Jacobi guess, it was predicted a step earlier right after *its* input, and so on.
+That lineage, not the chain's other inputs (which came from other iterations), is the sequence the
+model actually extended token by token, so the n-gram harvested at `y[j]` is
+`lineage(d[j-1]) + d[j-1] + y[j]`. For inputs that were not guesses (pool candidates, padding,
+committed tokens) the lineage is simply the inputs before them. Only positions past the first
+rejection are harvested here: earlier ones are committed output, which the pool gets anyway.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 @dataclasses.dataclass
 class Harvest:
     """Trajectory n-grams in the form `NGramPool.add` takes: continuation `conts[i]` belongs under
-    the keys of `seq` that end at `starts[i]`."""
+    the keys of `seq` that end at `starts[i]` (-1 marks context that does not exist)."""
 
     seq: np.ndarray
     starts: np.ndarray
@@ -36,15 +40,20 @@ class JacobiWindow:
                  fill_tokens: np.ndarray, stop_token_ids: frozenset[int]) -> None:
         self.ngram_size = ngram_size
         self.max_key_len = max_key_len
-        self.stop_token_ids = stop_token_ids
+        # Tokens before a guess along its diagonal: the n-gram head plus the longest key's context.
+        self.lineage_len = ngram_size - 2 + max_key_len - 1
+        self.stop_token_ids = np.array(sorted(stop_token_ids), dtype=np.int64)
         # Padding tokens are drawn from the prompt, as LADE does; stop tokens would end the chain.
-        fill = fill_tokens[~np.isin(fill_tokens, list(stop_token_ids))] if stop_token_ids \
-            else fill_tokens
-        self._fill_tokens = fill.astype(np.int64) if len(fill) else _EMPTY
+        fill = fill_tokens[~np.isin(fill_tokens, self.stop_token_ids)]
+        self._fill_tokens = fill.astype(np.int64)
         # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
         self._rng = np.random.default_rng([seed, zlib.crc32(fill_tokens.tobytes())])
         self.anchor = 0
         self.guesses = _EMPTY
+        self._lineage = np.empty((0, self.lineage_len), dtype=np.int64)
+        self._issued_at = -1
+        self._issued = _EMPTY
+        self._issued_lineage = self._lineage
 
     def guesses_from(self, index: int) -> np.ndarray:
         """Guesses for token indices `index, index+1, ...` (empty if none are known)."""
@@ -53,8 +62,19 @@ class JacobiWindow:
             return _EMPTY
         return self.guesses[offset:]
 
+    def issue(self, index: int, chain_offset: int, limit: int) -> np.ndarray:
+        """The guesses for token indices from `index`, placed at `chain_offset` of the next chain;
+        remembered so that `observe` can follow their diagonals."""
+        issued = self.guesses_from(index)[:max(limit, 0)]
+        self._issued_at = chain_offset if len(issued) else -1
+        self._issued = issued
+        self._issued_lineage = self._lineage[index - self.anchor:][:len(issued)] \
+            if len(issued) else self._lineage[:0]
+        return issued
+
     def reset(self) -> None:
         self.guesses = _EMPTY
+        self._issued_at = -1
 
     def random_fill(self, n: int) -> np.ndarray:
         """`n` prompt tokens chosen by the seeded generator, the Jacobi starting point."""
@@ -69,35 +89,48 @@ class JacobiWindow:
         `context` holds at least the `base` tokens committed before the step; `drafts` and `argmax`
         have one entry per chain position; `accepted` drafts were accepted.
         """
-        iterate = argmax[accepted + 1:].astype(np.int64)
-        self.guesses = self._without_stop_tokens(iterate)
+        drafts = drafts.astype(np.int64)
+        argmax = argmax.astype(np.int64)
+        js = np.arange(accepted + 1, len(drafts))
+        rows = np.concatenate([self._lineages(context, base, drafts)[js - 1],
+                               drafts[js - 1, None], argmax[js, None]], axis=1)
+        self.guesses, self._lineage = self._without_stop_tokens(argmax[js], rows[:, 1:-1])
         self.anchor = base + accepted + 1
-        return self._trajectory_ngrams(context, base, drafts, argmax, accepted)
+        self._issued_at = -1
+        # An n-gram needs all of its N tokens; only the key's extra context may be missing.
+        complete = (rows[:, self.max_key_len - 1:] >= 0).all(axis=1)
+        rows = rows[complete]
+        width = rows.shape[1]
+        return Harvest(seq=rows.ravel(),
+                       starts=np.arange(len(rows)) * width + self.max_key_len - 1,
+                       conts=rows[:, self.max_key_len:])
 
-    def _without_stop_tokens(self, guesses: np.ndarray) -> np.ndarray:
-        if not self.stop_token_ids or len(guesses) == 0:
-            return guesses
-        stops = np.isin(guesses, list(self.stop_token_ids))
+    def _lineages(self, context: np.ndarray, base: int, drafts: np.ndarray) -> np.ndarray:
+        """For every chain input, the `lineage_len` tokens that precede it along its diagonal."""
+        span = self.lineage_len
+        lo = max(0, base - span)
+        inputs = np.concatenate([np.full(span - (base - lo), -1, dtype=np.int64),
+                                 context[lo:base].astype(np.int64), drafts])
+        causal = inputs[np.arange(len(drafts))[:, None] + np.arange(span)]
+        at, issued = self._issued_at, self._issued
+        if at >= 0:
+            m = min(len(issued), len(drafts) - at)
+            # The scheduler may have cut the chain; a guess it kept is at its issued position.
+            same = drafts[at:at + m] == issued[:m]
+            causal[at:at + m][same] = self._issued_lineage[:m][same]
+        return causal
+
+    def _without_stop_tokens(self, guesses: np.ndarray,
+                             lineage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        stops = np.isin(guesses, self.stop_token_ids)
         if not stops.any():
-            return guesses
+            return guesses, lineage
         # A stop token is a poor guess (the chain after it is never reached); LADE replaces it.
-        guesses = guesses.copy()
         replacement = self.random_fill(int(stops.sum()))
         if len(replacement) == 0:
-            return guesses[:int(np.argmax(stops))]
+            cut = int(np.argmax(stops))
+            return guesses[:cut], lineage[:cut]
+        guesses, lineage = guesses.copy(), lineage.copy()
         guesses[stops] = replacement
-        return guesses
-
-    def _trajectory_ngrams(self, context: np.ndarray, base: int, drafts: np.ndarray,
-                           argmax: np.ndarray, accepted: int) -> Harvest:
-        n = self.ngram_size
-        js = np.arange(accepted + 1, len(drafts))
-        starts = base + js - (n - 1)
-        js, starts = js[starts >= 0], starts[starts >= 0]
-        # The inputs the model saw: committed tail (enough for keys and n-gram heads), then chain.
-        lo = max(0, base - (n - 2) - (self.max_key_len - 1))
-        seq = np.concatenate([context[lo:base].astype(np.int64), drafts.astype(np.int64)])
-        rel = starts - lo
-        heads = seq[rel[:, None] + np.arange(1, n - 1)]
-        conts = np.concatenate([heads, argmax[js, None].astype(np.int64)], axis=1)
-        return Harvest(seq=seq, starts=rel, conts=conts)
+        lineage[stops] = -1
+        return guesses, lineage

@@ -48,7 +48,8 @@ class NGramPool:
         return len(self._table)
 
     def add(self, seq: np.ndarray, starts: np.ndarray, conts: np.ndarray, origin: Origin) -> None:
-        """Insert continuation `conts[i]` under every key of `seq` that ends at `starts[i]`."""
+        """Insert continuation `conts[i]` under every key of `seq` that ends at `starts[i]`; keys
+        that reach before the start of `seq` or hold a negative (missing) token are skipped."""
         if len(starts) == 0:
             return
         cont_tuples = list(map(tuple, conts.tolist()))
@@ -57,7 +58,10 @@ class NGramPool:
             if not has_key.any():
                 break
             key_idx = starts[has_key][:, None] + np.arange(1 - k, 1)
-            for key, cont in zip(map(tuple, seq[key_idx].tolist()),
+            keys = seq[key_idx]
+            complete = (keys >= 0).all(axis=1)
+            has_key[has_key] = complete
+            for key, cont in zip(map(tuple, keys[complete].tolist()),
                                  compress(cont_tuples, has_key), strict=True):
                 self._insert(key, cont, origin)
 

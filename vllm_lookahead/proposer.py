@@ -188,13 +188,15 @@ class LookaheadDrafter:
                 break
 
     def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> np.ndarray:
-        """Best pool candidate, then the Jacobi guesses for the positions after it, then chained
-        pool candidates and seeded prompt tokens, at most K and never past max_model_len."""
+        """The chain: the best pool candidate for the context, chained candidates for its tail,
+        the Jacobi guesses for the positions after them, then seeded prompt tokens; at most K
+        tokens and never past max_model_len."""
         budget = min(self.k, self.max_model_len - length - 1)
         state.layout = []
         if budget <= 0:
             return np.empty(0, dtype=np.int64)
         keylen = self.cfg.max_key_len
+        tail = tokens[max(0, length - keylen):length].astype(np.int64)
         parts: list[np.ndarray] = []
         n = 0
 
@@ -206,16 +208,13 @@ class LookaheadDrafter:
                 state.layout.append((len(piece), source))
                 n += len(piece)
 
-        hit = state.pool.lookup(tokens[max(0, length - keylen):length])
-        if hit is not None:
-            push(np.asarray(hit[0], dtype=np.int64), Source(hit[1]))
-        push(state.window.guesses_from(length + n), Source.JACOBI)
-        while n < budget:
-            tail = np.concatenate([tokens[max(0, length - keylen):length], *parts])[-keylen:]
-            hit = state.pool.lookup(tail)
-            if hit is None:
-                break
-            push(np.asarray(hit[0], dtype=np.int64), Source.CHAINED)
+        # Pool continuations are verified n-grams or the model's own predictions, so they beat
+        # Jacobi guesses, which were made a step ago from a chain that has since been rejected.
+        while n < budget and (hit := state.pool.lookup(tail)) is not None:
+            piece = np.asarray(hit[0], dtype=np.int64)
+            push(piece, Source(hit[1]) if n == 0 else Source.CHAINED)
+            tail = np.concatenate([tail, piece])[-keylen:]
+        push(state.window.issue(length + n, n, budget - n), Source.JACOBI)
         push(state.window.random_fill(budget - n), Source.FILL)
         self.stats.chains += 1
         self.stats.draft_tokens += n
@@ -230,6 +229,8 @@ class LookaheadDrafter:
 
     def snapshot(self) -> dict[str, Any]:
         d = self.stats.as_dict()
+        d["config"] = self.cfg.to_dict()
+        d["num_speculative_tokens"] = self.k
         d["live_requests"] = len(self.states)
         d["pool_continuations"] = sum(len(s.pool) for s in self.states.values())
         d["pool_keys"] = sum(s.pool.num_keys for s in self.states.values())

@@ -1,0 +1,223 @@
+"""The drafter driven by a simulated engine: a deterministic 'model' and vLLM's greedy verification
+rule, with batch rows shuffled every step as vLLM's persistent batch does."""
+
+import random
+
+import numpy as np
+import pytest
+
+from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.proposer import LookaheadDrafter, RequestInfo, Source
+from vllm_lookahead.trajectory import StepTrajectory
+
+VOCAB = 37
+MAX_LEN = 256
+
+
+PERMUTATION = random.Random(5).sample(range(VOCAB), VOCAB)
+
+
+def model(tokens):
+    """Greedy next token of a toy model: a fixed permutation of the last token, so outputs cycle
+    and every (x, model(x)) pair the trajectory reveals is true."""
+    return PERMUTATION[tokens[-1]]
+
+
+def successor(tokens):
+    """A toy model that counts: its output reaches tokens that the prompt names only later, so the
+    Jacobi trajectory, walking ahead from prompt tokens, sees those transitions first."""
+    return (tokens[-1] + 1) % VOCAB
+
+
+class Requests:
+    def __init__(self):
+        self.owners, self.prompt_lens = {}, {}
+
+    def add(self, rid, prompt_len):
+        self.owners[rid] = object()
+        self.prompt_lens[rid] = prompt_len
+
+    def owner(self, rid):
+        return self.owners.get(rid)
+
+    def info(self, row, rid):
+        return RequestInfo(self.owners[rid], self.prompt_lens[rid], frozenset())
+
+
+class Engine:
+    def __init__(self, cfg, k, prompts, seed=0, model=model):
+        self.model = model
+        self.drafter = LookaheadDrafter(cfg, k, MAX_LEN)
+        self.requests = Requests()
+        self.rng = random.Random(seed)
+        self.tokens = {}
+        self.drafts = {}
+        for i, p in enumerate(prompts):
+            rid = f"req-{i}"
+            self.requests.add(rid, len(p))
+            self.tokens[rid] = list(p)
+            self.drafts[rid] = []
+
+    def step(self, rids, propose=True):
+        """Verify each request's drafts greedily, commit, then ask for new drafts."""
+        self.rng.shuffle(rids)
+        bases, flat_d, flat_y, cu, sampled = [], [], [], [0], []
+        for rid in rids:
+            toks, d = self.tokens[rid], self.drafts[rid]
+            y = [self.model(toks + d[:j]) for j in range(len(d) + 1)]
+            a = next((j for j in range(len(d)) if d[j] != y[j]), len(d))
+            bases.append(len(toks))
+            flat_d += d
+            flat_y += y[:len(d)]
+            cu.append(cu[-1] + len(d))
+            sampled.append([*d[:a], y[a]])
+            toks.extend([*d[:a], y[a]])
+        if not propose:
+            for rid in rids:
+                self.drafts[rid] = []
+            return
+        traj = StepTrajectory(list(rids), np.array(bases), np.array(cu),
+                              lambda: (np.array(flat_d), np.array(flat_y)))
+        width = max(len(self.tokens[r]) for r in rids)
+        token_ids = np.zeros((len(rids), MAX_LEN), dtype=np.int32)
+        for row, rid in enumerate(rids):
+            token_ids[row, :len(self.tokens[rid])] = self.tokens[rid]
+        num_tokens = np.array([len(self.tokens[r]) for r in rids], dtype=np.int32)
+        assert width <= MAX_LEN
+        out = self.drafter.draft_batch(rids, sampled, num_tokens, token_ids, traj, self.requests)
+        for rid, d in zip(rids, out, strict=True):
+            assert all(isinstance(t, int) for t in d)
+            self.drafts[rid] = d
+
+    def run(self, new_tokens):
+        rids = list(self.tokens)
+        start = {r: len(self.tokens[r]) for r in rids}
+        steps = 0
+        while any(len(self.tokens[r]) - start[r] < new_tokens for r in rids):
+            live = [r for r in rids if len(self.tokens[r]) - start[r] < new_tokens]
+            self.step(live)
+            steps += 1
+        return steps
+
+
+def greedy(prompt, n):
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(model(toks))
+    return toks
+
+
+PROMPTS = [[1, 2], [3, 4, 5, 6], [9, 9, 9], [11, 30, 2, 8, 19]]
+
+
+def test_outputs_follow_the_model_and_take_fewer_steps():
+    eng = Engine(LookaheadConfig(ngram_size=3, window_size=4), k=6, prompts=PROMPTS)
+    steps = eng.run(60)
+    for i, p in enumerate(PROMPTS):
+        toks = eng.tokens[f"req-{i}"]
+        assert toks == greedy(p, len(toks) - len(p))
+    assert steps < 60 / 2
+    assert eng.drafter.stats.resyncs == 0
+
+
+def test_trajectory_ngrams_are_proposed_and_accepted():
+    eng = Engine(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
+                 prompts=[[30, 31, 32, 33, 2]], model=successor)
+    eng.run(34)
+    s = eng.drafter.stats
+    assert s.trajectory_ngrams > 0
+    assert s.drafted_by_source[Source.CANDIDATE_TRAJECTORY] > 0
+    assert s.accepted_by_source[Source.CANDIDATE_TRAJECTORY] > 0
+
+
+def test_first_trajectory_candidate_comes_from_past_the_first_rejection():
+    """Catch the first proposal of a trajectory n-gram and check where it was harvested."""
+    eng = Engine(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
+                 prompts=[[30, 31, 32, 33, 2]], model=successor)
+    rid = "req-0"
+    harvested = []
+    original_observe = None
+
+    def recording_observe(context, base, drafts, argmax, accepted):
+        h = original_observe(context, base, drafts, argmax, accepted)
+        harvested.extend((int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(),
+                                                                   strict=True))
+        return h
+
+    eng.step([rid])
+    state = eng.drafter.states[rid]
+    original_observe = state.window.observe
+    state.window.observe = recording_observe
+    for _ in range(40):
+        eng.step([rid])
+        if state.layout and state.layout[0][1] == Source.CANDIDATE_TRAJECTORY:
+            toks = eng.tokens[rid]
+            cand = tuple(eng.drafts[rid][:state.layout[0][0]])
+            assert (toks[-1], cand) in harvested
+            break
+    else:
+        pytest.fail("no trajectory candidate was proposed")
+
+
+def test_chain_never_exceeds_k_or_max_model_len():
+    k = 8
+    eng = Engine(LookaheadConfig(ngram_size=4, window_size=5), k=k, prompts=[[1, 2]])
+    rid = "req-0"
+    while len(eng.tokens[rid]) < MAX_LEN - 1:
+        eng.step([rid])
+        assert len(eng.drafts[rid]) <= k
+        assert len(eng.drafts[rid]) <= max(0, MAX_LEN - len(eng.tokens[rid]) - 1)
+
+
+def test_rollback_and_skipped_steps_resync_from_committed_tokens():
+    eng = Engine(LookaheadConfig(ngram_size=3, window_size=3), k=5, prompts=[[1, 2, 3]])
+    rid = "req-0"
+    for _ in range(5):
+        eng.step([rid])
+    eng.step([rid], propose=False)  # vLLM skipped propose (drafter input too long)
+    eng.step([rid])
+    assert eng.drafter.stats.resyncs == 1
+    del eng.tokens[rid][-3:]  # vLLM discarded output
+    eng.drafts[rid] = []
+    eng.step([rid])
+    assert eng.drafter.stats.resyncs == 2
+    eng.run(30)
+    toks = eng.tokens[rid]
+    assert toks == greedy([1, 2, 3], len(toks) - 3)
+
+
+def test_finished_and_reused_ids_get_fresh_state():
+    eng = Engine(LookaheadConfig(), k=7, prompts=[[1, 2, 3, 4]])
+    eng.run(10)
+    old = eng.drafter.states["req-0"]
+    eng.requests.add("req-0", 4)  # aborted and resubmitted under the same id
+    eng.tokens["req-0"] = [5, 6, 7, 8]
+    eng.drafts["req-0"] = []
+    eng.step(["req-0"])
+    assert eng.drafter.states["req-0"] is not old
+    eng.drafter.remove("req-0")
+    assert eng.drafter.states == {}
+
+
+def test_rows_without_a_sample_get_no_drafts():
+    drafter = LookaheadDrafter(LookaheadConfig(), 7, MAX_LEN)
+    reqs = Requests()
+    reqs.add("a", 3)
+    out = drafter.draft_batch(["a"], [[]], np.array([3]), np.zeros((1, MAX_LEN), np.int32), None,
+                              reqs)
+    assert out == [[]]
+    assert drafter.states == {}
+
+
+def test_same_seed_same_chains_other_seed_other_padding():
+    def chains(seed):
+        eng = Engine(LookaheadConfig(ngram_size=3, window_size=4, seed=seed), k=6,
+                     prompts=[[3, 4, 5, 6, 7, 8]])
+        out = []
+        for _ in range(6):
+            eng.step(["req-0"])
+            out.append(list(eng.drafts["req-0"]))
+        return out
+
+    assert chains(1) == chains(1)
+    assert chains(1) != chains(2)
