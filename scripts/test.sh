@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the whole default suite: ruff, unit and property tests, the
+# real vLLM engine (LLM() and an OpenAI server subprocess), and a smoke run of the benchmark harness.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"
