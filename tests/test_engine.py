@@ -120,3 +120,21 @@ def test_zero_patch_custom_class_with_the_plugin_filtered_out(tiny_model, prompt
     assert stats["config"] == {**stats["config"], "ngram_size": 3, "seed": 5, "window_size": 3}
     assert stats["accepted_tokens"] > 0
     assert os.environ["VLLM_PLUGINS"] == "no-such-plugin"
+
+
+def test_preempted_requests_keep_their_state_and_outputs(tiny_model, prompts, baseline):
+    """A KV cache too small for 16 concurrent requests forces vLLM to preempt and recompute."""
+    llm = make_llm(tiny_model, {"method": "lookahead", "num_speculative_tokens": 6},
+                   max_num_seqs=16, num_gpu_blocks_override=40, block_size=32,
+                   disable_log_stats=False)
+    try:
+        out = generate_tokens(llm, prompts, greedy_params())
+        preemptions = next(m.value for m in llm.get_metrics()
+                           if m.name == "vllm:num_preemptions")
+        (stats,) = llm.collective_rpc(worker_stats)
+    finally:
+        shutdown(llm)
+    assert preemptions > 0
+    assert first_difference(baseline, out) is None
+    assert stats["resyncs"] == 0
+    assert stats["accepted_tokens"] > 0
