@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
+
 def _vllm_version() -> str:
     try:
         return importlib.metadata.version("vllm")
