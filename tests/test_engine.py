@@ -103,9 +103,11 @@ def test_sampling_goes_through_verification(lookahead_llm, prompts, baseline,
 
 
 def test_zero_patch_custom_class_with_the_plugin_filtered_out(tiny_model, prompts, baseline,
-                                                             monkeypatch):
+                                                             monkeypatch, tmp_path):
     """`custom_class` needs no entry point: the proposer installs its hooks when vLLM imports it,
     and takes its parameters from VLLM_LOOKAHEAD_PARAMS."""
+    stats_file = tmp_path / "stats.json"
+    monkeypatch.setenv("VLLM_LOOKAHEAD_STATS_PATH", str(stats_file))
     monkeypatch.setenv("VLLM_PLUGINS", "no-such-plugin")
     monkeypatch.setenv("VLLM_LOOKAHEAD_PARAMS", json.dumps({"ngram_size": 3, "seed": 5}))
     llm = make_llm(tiny_model, {"method": "custom_class",
@@ -120,6 +122,9 @@ def test_zero_patch_custom_class_with_the_plugin_filtered_out(tiny_model, prompt
     assert stats["config"] == {**stats["config"], "ngram_size": 3, "seed": 5, "window_size": 3}
     assert stats["accepted_tokens"] > 0
     assert os.environ["VLLM_PLUGINS"] == "no-such-plugin"
+    written = json.loads(stats_file.read_text())
+    assert written["config"] == stats["config"]
+    assert 0 < written["steps"] <= stats["steps"]
 
 
 def test_preempted_requests_keep_their_state_and_outputs(tiny_model, prompts, baseline):

@@ -182,5 +182,4 @@ def _pop_lookahead_params(spec: dict[str, Any]) -> dict[str, Any]:
                 f"lookahead parameter {name!r} is given twice (as {key!r} and inside 'lookahead')"
             )
         params[name] = spec.pop(key)
-    spec.pop("method", None)
     return params

@@ -14,7 +14,6 @@ import enum
 import json
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -252,7 +251,6 @@ class LookaheadProposer:
         self._trajectory: StepTrajectory | None = None
         self._stats_path = os.environ.get(STATS_PATH_ENV)
         self._last_stats_write = 0.0
-        self._lock = threading.Lock()
         if self._stats_path:
             atexit.register(self.write_stats)
         logger.info("Lookahead decoding: %s, num_speculative_tokens=%d", cfg,
@@ -299,11 +297,11 @@ class LookaheadProposer:
         if not force and now - self._last_stats_write < _STATS_WRITE_INTERVAL_S:
             return
         self._last_stats_write = now
-        with self._lock:
-            tmp = f"{self._stats_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.drafter.snapshot(), f)
-            os.replace(tmp, self._stats_path)
+        # Written whole and renamed, so a reader never sees half a file.
+        tmp = f"{self._stats_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.drafter.snapshot(), f)
+        os.replace(tmp, self._stats_path)
 
 
 def _config_for(spec: Any) -> LookaheadConfig:
