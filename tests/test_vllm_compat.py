@@ -1,0 +1,40 @@
+"""The version gate and the hooks' idempotence (vLLM is imported, no engine is started)."""
+
+import pytest
+
+from vllm_lookahead import vllm_compat
+
+
+def test_supported_version_passes():
+    assert vllm_compat.check_vllm_version().startswith(vllm_compat.SUPPORTED_VLLM)
+
+
+def test_other_versions_are_refused_with_a_way_out(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.31.2")
+    monkeypatch.delenv(vllm_compat.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(vllm_compat.UnsupportedVLLMError,
+                       match=r"supports vLLM 0.32 and 0.33 \(found 0.31.2\).*"
+                             + vllm_compat.ALLOW_UNTESTED_ENV):
+        vllm_compat.check_vllm_version()
+    monkeypatch.setenv(vllm_compat.ALLOW_UNTESTED_ENV, "1")
+    assert vllm_compat.check_vllm_version() == "0.31.2"
+
+
+def test_hooks_install_once():
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    vllm_compat.install_runner_hooks()
+    sample, removed = GPUModelRunner._sample, GPUModelRunner._on_request_state_removed
+    tap = rejection_sampler._rejection_greedy_sample
+    vllm_compat.install_runner_hooks()
+    assert GPUModelRunner._sample is sample
+    assert GPUModelRunner._on_request_state_removed is removed
+    assert rejection_sampler._rejection_greedy_sample is tap
+    assert isinstance(tap, vllm_compat._GreedyArgmaxTap)
+    # one layer of wrapping, over vLLM's own function
+    assert not getattr(sample.__wrapped__, "_vllm_lookahead_hook", False)
+    # the tap forwards what vLLM's warm-up registration needs
+    assert tap.register_warmup == tap._inner.register_warmup
