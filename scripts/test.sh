@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
+# The benchmark harness end to end on the tiny model (a smoke test: its timings mean nothing).
+.venv/bin/python -m benchmarks.run --quick --out "${TMPDIR:-/tmp}/vllm-lookahead-bench-quick"

@@ -45,9 +45,9 @@ class Requests:
 
 
 class Engine:
-    def __init__(self, cfg, k, prompts, seed=0, model=model):
+    def __init__(self, cfg, k, prompts, seed=0, model=model, adaptive=False):
         self.model = model
-        self.drafter = LookaheadDrafter(cfg, k, MAX_LEN)
+        self.drafter = LookaheadDrafter(cfg, k, MAX_LEN, adaptive)
         self.requests = Requests()
         self.rng = random.Random(seed)
         self.tokens = {}
@@ -221,3 +221,22 @@ def test_same_seed_same_chains_other_seed_other_padding():
 
     assert chains(1) == chains(1)
     assert chains(1) != chains(2)
+
+
+def test_adaptive_chain_follows_acceptance():
+    """Shrinks to the accepted length + 1 after a rejection, doubles after full acceptance."""
+    k = 8
+    eng = Engine(LookaheadConfig(ngram_size=3, window_size=6), k=k, prompts=PROMPTS[:1],
+                 adaptive=True)
+    rid = "req-0"
+    eng.step([rid])
+    assert len(eng.drafts[rid]) == k  # no history yet: the full chain
+    while len(eng.tokens[rid]) < MAX_LEN - 1:
+        drafted = list(eng.drafts[rid])
+        before = len(eng.tokens[rid])
+        eng.step([rid])
+        accepted = len(eng.tokens[rid]) - before - 1
+        expected = accepted + 1 if accepted < len(drafted) else min(k, 2 * len(drafted))
+        assert len(eng.drafts[rid]) == max(0, min(expected, MAX_LEN - len(eng.tokens[rid]) - 1))
+    toks = eng.tokens[rid]
+    assert toks == greedy(PROMPTS[0], len(toks) - len(PROMPTS[0]))

@@ -23,10 +23,13 @@ def spec_metrics(llm) -> dict[str, object]:
             for m in llm.get_metrics() if "spec_decode" in m.name}
 
 
-@pytest.fixture(scope="module", params=[4, 10], ids=lambda k: f"K{k}")
+@pytest.fixture(scope="module", params=[(4, None), (10, False)],
+                ids=["K4-adaptive", "K10-fixed"])
 def lookahead_llm(request, tiny_model):
-    k = request.param
-    llm = make_llm(tiny_model, {"method": "lookahead", "num_speculative_tokens": k},
+    """Two chain budgets, with the default adaptive chain (on, on CPU) and without it."""
+    k, adaptive = request.param
+    llm = make_llm(tiny_model, {"method": "lookahead", "num_speculative_tokens": k,
+                                "lookahead_adaptive": adaptive},
                    max_num_seqs=16, disable_log_stats=False)
     yield k, llm
     shutdown(llm)
@@ -51,6 +54,7 @@ def test_drafts_are_accepted_and_the_trajectory_is_used(lookahead_llm):
     assert len(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]) == k
     (stats,) = llm.collective_rpc(worker_stats)
     assert stats["config"]["window_size"] == k - 3
+    assert stats["adaptive"] is (k == 4)  # auto resolves to on for the CPU engine
     # counters agree with vLLM's own
     assert stats["accepted_tokens"] == metrics["vllm:spec_decode_num_accepted_tokens"]
     assert stats["verified_tokens"] == metrics["vllm:spec_decode_num_draft_tokens"]

@@ -8,6 +8,7 @@ Mapping to the reference implementation (LADE, Fu et al. 2024):
     pool_from_prompt   POOL_FROM_PROMPT seed the pool with the prompt's n-grams
     max_key_len        (new)           longest context used to look a candidate up
     seed               (new)           seeds the random prompt tokens that pad the window
+    adaptive           (new)           per-request chain length that follows acceptance
 
 vLLM verifies one linear chain per request, so the chain for a step is the best pool candidate
 (≤ N-1 tokens) followed by Jacobi guesses; K = num_speculative_tokens = N-1+W by default.
@@ -42,6 +43,11 @@ class LookaheadConfig:
     pool_from_prompt: bool = True
     max_key_len: int = 2
     seed: int = 0
+    adaptive: bool | None = None
+    """Follow each request's acceptance with its chain length: after a rejection at position a the
+    next chain has a+1 tokens, after a fully accepted chain twice as many (up to K). None: on
+    where every verified token costs compute (CPU), off on GPUs, where verifying K tokens costs
+    about as much as verifying one."""
 
     def __post_init__(self) -> None:
         _check_int("ngram_size", self.ngram_size, 2, 16)
@@ -49,11 +55,9 @@ class LookaheadConfig:
         _check_int("guess_set_size", self.guess_set_size, 1, 1024)
         _check_int("max_key_len", self.max_key_len, 1, 8)
         _check_int("seed", self.seed, 0, 2**63 - 1)
-        if not isinstance(self.pool_from_prompt, bool):
-            raise LookaheadConfigError(
-                f"lookahead parameter 'pool_from_prompt' must be a bool, got "
-                f"{self.pool_from_prompt!r} ({type(self.pool_from_prompt).__name__})"
-            )
+        _check_bool("pool_from_prompt", self.pool_from_prompt)
+        if self.adaptive is not None:
+            _check_bool("adaptive", self.adaptive, "or null (auto)")
 
     @property
     def candidate_len(self) -> int:
@@ -109,6 +113,15 @@ def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
         raise LookaheadConfigError(
             f"lookahead parameter {name!r}={value} is out of range: valid range is "
             f"[{lo}, {hi}]{reason}"
+        )
+
+
+def _check_bool(name: str, value: Any, alternative: str = "") -> None:
+    if not isinstance(value, bool):
+        alt = f" {alternative}" if alternative else ""
+        raise LookaheadConfigError(
+            f"lookahead parameter {name!r} must be a bool{alt}, got {value!r} "
+            f"({type(value).__name__})"
         )
 
 

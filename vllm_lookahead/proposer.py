@@ -92,15 +92,17 @@ class RequestState:
         self.num_committed = -1
         self.last_token = -1
         self.layout: list[tuple[int, Source]] = []
+        self.chain_len = 1 << 30  # capped by K where used
 
 
 class LookaheadDrafter:
     """Everything the proposer does that needs no vLLM: testable with plain arrays."""
 
     def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, adaptive: bool = False) -> None:
         self.cfg = cfg
         self.k = num_speculative_tokens
+        self.adaptive = adaptive
         self.max_model_len = max_model_len
         self.states: dict[str, RequestState] = {}
         self.stats = LookaheadStats()
@@ -155,6 +157,7 @@ class LookaheadDrafter:
             base, drafts, argmax = traj_row
             accepted = num_sampled - 1
             self._count_acceptance(state, len(drafts), accepted)
+            self._adapt_chain_len(state, len(drafts), accepted)
             harvest = state.window.observe(tokens, base, drafts, argmax, accepted)
             state.pool.add(harvest.seq, harvest.starts, harvest.conts, Origin.TRAJECTORY)
             self.stats.trajectory_ngrams += len(harvest.starts)
@@ -186,11 +189,19 @@ class LookaheadDrafter:
             if remaining == 0:
                 break
 
+    def _adapt_chain_len(self, state: RequestState, num_verified: int, accepted: int) -> None:
+        if not self.adaptive:
+            return
+        if accepted < num_verified:
+            state.chain_len = accepted + 1
+        else:
+            state.chain_len = min(self.k, 2 * max(num_verified, 1))
+
     def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> np.ndarray:
         """The chain: the best pool candidate for the context, chained candidates for its tail,
         the Jacobi guesses for the positions after them, then seeded prompt tokens; at most K
         tokens and never past max_model_len."""
-        budget = min(self.k, self.max_model_len - length - 1)
+        budget = min(self.k, state.chain_len, self.max_model_len - length - 1)
         state.layout = []
         if budget <= 0:
             return np.empty(0, dtype=np.int64)
@@ -230,6 +241,7 @@ class LookaheadDrafter:
         d = self.stats.as_dict()
         d["config"] = self.cfg.to_dict()
         d["num_speculative_tokens"] = self.k
+        d["adaptive"] = self.adaptive
         d["live_requests"] = len(self.states)
         d["pool_continuations"] = sum(len(s.pool) for s in self.states.values())
         d["pool_keys"] = sum(s.pool.num_keys for s in self.states.values())
@@ -245,16 +257,19 @@ class LookaheadProposer:
         vllm_compat.install_runner_hooks()
         spec = vllm_config.speculative_config
         cfg = _config_for(spec)
+        adaptive = cfg.adaptive
+        if adaptive is None:
+            adaptive = getattr(vllm_config.device_config, "device_type", "") == "cpu"
         self.drafter = LookaheadDrafter(cfg, spec.num_speculative_tokens,
-                                        vllm_config.model_config.max_model_len)
+                                        vllm_config.model_config.max_model_len, adaptive)
         self._runner: weakref.ReferenceType[Any] | None = None
         self._trajectory: StepTrajectory | None = None
         self._stats_path = os.environ.get(STATS_PATH_ENV)
         self._last_stats_write = 0.0
         if self._stats_path:
             atexit.register(self.write_stats)
-        logger.info("Lookahead decoding: %s, num_speculative_tokens=%d", cfg,
-                    spec.num_speculative_tokens)
+        logger.info("Lookahead decoding: %s, num_speculative_tokens=%d, adaptive chain=%s", cfg,
+                    spec.num_speculative_tokens, adaptive)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """Lookahead has no draft model; vLLM's CPU runner calls this unconditionally."""
