@@ -84,7 +84,8 @@ class LookaheadStats:
 
 
 class RequestState:
-    def __init__(self, cfg: LookaheadConfig, info: RequestInfo, prompt: np.ndarray) -> None:
+    def __init__(self, cfg: LookaheadConfig, info: RequestInfo, prompt: np.ndarray,
+                 chain_len: int) -> None:
         self.owner = info.owner
         self.pool = NGramPool(cfg.ngram_size, cfg.guess_set_size, cfg.max_key_len)
         self.window = JacobiWindow(cfg.ngram_size, cfg.max_key_len, cfg.seed, prompt,
@@ -92,7 +93,7 @@ class RequestState:
         self.num_committed = -1
         self.last_token = -1
         self.layout: list[tuple[int, Source]] = []
-        self.chain_len = 1 << 30  # capped by K where used
+        self.chain_len = chain_len
 
 
 class LookaheadDrafter:
@@ -135,7 +136,7 @@ class LookaheadDrafter:
         state = self.states.get(req_id)
         if state is None or requests.owner(req_id) is not state.owner:
             info = requests.info(row, req_id)
-            state = RequestState(self.cfg, info, tokens[:info.num_prompt_tokens])
+            state = RequestState(self.cfg, info, tokens[:info.num_prompt_tokens], self.k)
             if self.cfg.pool_from_prompt:
                 state.pool.add_sequence(tokens[:info.num_prompt_tokens], 0, Origin.PROMPT)
             state.num_committed = info.num_prompt_tokens
