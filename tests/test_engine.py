@@ -70,7 +70,8 @@ def test_drafts_are_accepted_and_the_trajectory_is_used(lookahead_llm):
 def sample_twice(llm, prompts) -> tuple[list[list[int]], list[list[int]]]:
     from vllm import SamplingParams
 
-    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1000 + i)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=1000 + i,
+                             ignore_eos=True)
               for i in range(len(prompts))]
     requests = [{"prompt_token_ids": p} for p in prompts]
     return tuple(  # type: ignore[return-value]
