@@ -47,8 +47,9 @@ def test_greedy_outputs_identical_one_at_a_time(lookahead_llm, prompts, baseline
     assert first_difference(baseline, out) is None
 
 
-def test_drafts_are_accepted_and_the_trajectory_is_used(lookahead_llm):
+def test_drafts_are_accepted_and_the_trajectory_is_used(lookahead_llm, prompts):
     k, llm = lookahead_llm
+    generate_tokens(llm, prompts, greedy_params())
     metrics = spec_metrics(llm)
     assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0
     assert len(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]) == k
