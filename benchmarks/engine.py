@@ -49,6 +49,15 @@ def configure_env(device: str = "cpu", kv_cache_gib: int = 4) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
 
 
+def accelerator_name(device: str) -> str | None:
+    """The card the numbers come from, for the report."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name())
+
+
 def resolve_model(name: str) -> Path:
     """A benchmark model by name, the tests' tiny random model (`tiny`), or a local HF folder."""
     if name == TINY_MODEL:

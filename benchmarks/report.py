@@ -41,9 +41,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Speculative decoding benchmark", "",
         f"Model `{meta['model']}`, {meta['dtype']}, {meta['device']}"
-        f"{' (eager)' if meta['enforce_eager'] else ''}, vLLM {meta['vllm']}, greedy (seed "
-        f"{meta['seed']}), at most {meta['max_tokens']} new tokens, {meta['date']} on "
-        f"{meta['host']}.",
+        f"{_accelerator(meta)}{' (eager)' if meta['enforce_eager'] else ''}, "
+        f"vLLM {meta['vllm']}, greedy (seed {meta['seed']}), at most {meta['max_tokens']} new "
+        f"tokens, {meta['date']} on {meta['host']}.",
         "Prompts: " + ", ".join(f"{k} {v}" for k, v in meta["prompts"].items())
         + f". Concurrency {', '.join(map(str, meta['concurrency']))}: closed loop, that many "
         "requests in flight; latency from a request's submission to its last token.",
@@ -59,11 +59,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"A set of {fewest} prompts never has more than {fewest} requests in flight, "
                      "whatever c says.")
     lines += [f"**{name}: unavailable ({why})**" for name, why in meta["unavailable"].items()]
+    if not meta.get("complete", True):
+        lines.append("**Incomplete: the run stopped before every method was measured.**")
     if meta["quick"]:
         lines.append("**Quick smoke run of the harness: tiny random model, timings mean nothing.**")
     lines += ["", *_throughput(cells), "", *_per_position(cells), "", *_lookahead(cells), "",
               *_equality(cells, meta["dtype"]), ""]
     return "\n".join(lines)
+
+
+def _accelerator(meta: dict[str, Any]) -> str:
+    # Results written before the field existed have none.
+    name = meta.get("accelerator")
+    return f" ({name})" if name else ""
 
 
 def _throughput(cells: Sequence[Row]) -> list[str]:

@@ -328,29 +328,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      tokenizer)
         cells += method_cells
         method_info.append(info)
-
-    import vllm
-
-    results = {
-        "meta": {
-            "model": args.model, "model_path": str(model), "dtype": args.dtype,
-            "device": args.device, "enforce_eager": args.enforce_eager,
-            "async_scheduling": args.async_scheduling,
-            "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
-            "prompts": {name: len(ps) for name, ps in prompt_sets.items()},
-            "max_model_len": cfg.max_model_len, "quick": args.quick,
-            "vllm": vllm.__version__, "host": platform.node(),
-            "date": datetime.now().isoformat(timespec="seconds"),
-            "methods": method_info, "unavailable": unavailable,
-        },
-        "cells": summaries(cells),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    report.write(results, args.out)
+        # Published after every method, so a run cut short keeps what it measured.
+        results = {"meta": run_meta(args, model, cfg, prompt_sets, method_info, unavailable,
+                                    complete=method is methods[-1]),
+                   "cells": summaries(cells)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        report.write(results, args.out)
     print((args.out / "results.md").read_text())
     print(f"results in {args.out}")
 
+
+def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
+             prompt_sets: dict[str, list[list[int]]], method_info: list[dict[str, Any]],
+             unavailable: dict[str, str], complete: bool) -> dict[str, Any]:
+    import vllm
+
+    return {
+        "model": args.model, "model_path": str(model), "dtype": args.dtype,
+        "device": args.device, "accelerator": eng.accelerator_name(args.device),
+        "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
+        "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
+        "prompts": {name: len(ps) for name, ps in prompt_sets.items()},
+        "max_model_len": cfg.max_model_len, "quick": args.quick,
+        "vllm": vllm.__version__, "host": platform.node(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "methods": method_info, "unavailable": unavailable, "complete": complete,
+    }
 
 if __name__ == "__main__":
     main()

@@ -38,3 +38,25 @@ def test_hooks_install_once():
     assert not getattr(sample.__wrapped__, "_vllm_lookahead_hook", False)
     # the tap forwards what vLLM's warm-up registration needs
     assert tap.register_warmup == tap._inner.register_warmup
+
+
+def test_capture_computes_the_argmax_itself_where_vllm_has_no_greedy_dispatcher(monkeypatch):
+    """vLLM 0.26 computes the greedy argmax inline, so there is nothing to tap."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from vllm.v1.sample import rejection_sampler
+
+    monkeypatch.delattr(rejection_sampler, "_rejection_greedy_sample")
+    vllm_compat.install_runner_hooks()
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    meta = SimpleNamespace(num_draft_tokens=[2], target_logits_indices=torch.tensor([0, 1]),
+                           draft_token_ids=torch.tensor([1, 2]))
+    batch = SimpleNamespace(req_ids=["r"], num_tokens_no_spec=np.array([7]),
+                            sampling_metadata=SimpleNamespace(all_random=False))
+    trajectory = vllm_compat._Capture(SimpleNamespace(input_batch=batch), logits, meta).finish()
+    base, drafts, argmax = trajectory.row("r")
+    assert base == 7
+    assert drafts.tolist() == [1, 2]
+    assert argmax.tolist() == [1, 0]

