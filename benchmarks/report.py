@@ -176,7 +176,9 @@ def plot_per_dataset(cells: Sequence[Row], path: Path) -> None:
             _grouped_bars(axes[row][col], here, key, colors)
             axes[row][col].set_ylabel(label)
             axes[row][col].set_title(f"concurrency {concurrency}")
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    # Results published after the baseline alone have no bars to label yet.
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,9 @@
 #   bash benchmarks/device/gpu.sh stash .kit/b
 #   bash benchmarks/device/gpu.sh bench .kit/c HARNESS-ARGS...   converts the model, runs the
 #                                                 harness with --device cuda into $OUT/gpu
+# or, in one call carrying .kit/s (stage.sh --step-cost): the kit, then step_cost.py on random
+# weights in Qwen2.5-7B's shape into $OUT/step_cost.json
+#   bash benchmarks/device/gpu.sh stepcost .kit/s
 set -euo pipefail
 step=$1 part=$2
 shift 2
@@ -16,9 +19,7 @@ export PYTHONPATH=/tmp/site:$PWD VLLM_LOOKAHEAD_CACHE=$STASH/cache
 # The kit's vLLM is 0.26, the newest built for the device's torch; the plugin's gate names the
 # versions it is tested on.
 export VLLM_LOOKAHEAD_ALLOW_UNTESTED_VLLM=1
-cp "$part"/gguf.xz.* "$STASH"/
-case $step in
-install)
+install() {
     mkdir -p /tmp/vkit
     tar -xf "$part/part1.tar" -C /tmp/vkit
     bash /tmp/vkit/install.sh /tmp/vkit
@@ -34,9 +35,20 @@ plugin.register()
 vllm_compat.install_runner_hooks()
 print("vllm-lookahead: plugin and hooks installed on vLLM", vllm_compat.vllm_version())
 PY
+}
+
+case $step in
+install)
+    cp "$part"/gguf.xz.* "$STASH"/
+    install
     ;;
-stash) ;;
+stash) cp "$part"/gguf.xz.* "$STASH"/ ;;
+stepcost)
+    install
+    python3 -m benchmarks.device.step_cost "$part/model" "$OUT/step_cost.json"
+    ;;
 bench)
+    cp "$part"/gguf.xz.* "$STASH"/
     cp -r "$part"/cache "$STASH"/
     cat "$STASH"/gguf.xz.* | python3 -c 'import lzma, shutil, sys
 shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)' > "$STASH/model.gguf"
@@ -45,7 +57,7 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)' > "
     python3 -m benchmarks.run --model "${MODEL:-smollm2-135m}" --device cuda --out "$OUT/gpu" "$@"
     ;;
 *)
-    echo "usage: gpu.sh install|stash|bench PART [harness args]" >&2
+    echo "usage: gpu.sh install|stash|bench|stepcost PART [harness args]" >&2
     exit 2
     ;;
 esac

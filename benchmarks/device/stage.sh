@@ -5,11 +5,21 @@
 #   .kit/a  the kit (../shared/device/part1.tar) and the first slice of the compressed GGUF
 #   .kit/b  the middle slice
 #   .kit/c  the last slice and a prompt cache slimmed to the files the readers use
+# With --step-cost it packs .kit/s instead, for one call: the kit and a config.json in
+# Qwen2.5-7B's shape (random weights; see step_cost.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 KIT=${KIT:-../shared/device/part1.tar}
 MODEL=${MODEL:-smollm2-135m}
+if [ "${1:-}" = --step-cost ]; then
+    rm -rf .kit/s
+    mkdir -p .kit/s/model
+    cp "$KIT" .kit/s/part1.tar
+    cp "${SHAPE_CONFIG:-../shared/device/examples/qwen7b-shape-config.json}" .kit/s/model/config.json
+    du -sh .kit/s
+    exit
+fi
 MIB=$((1 << 20))
 # What is left of a call's 64 MiB for GGUF bytes, once the kit and the repository itself travel.
 SLICE_A=$(((60 * MIB - $(stat -c %s "$KIT"))))

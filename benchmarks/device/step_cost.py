@@ -1,0 +1,95 @@
+"""Milliseconds per engine step on a GPU, with and without lookahead, for a model too large to
+carry to the lent GPU: random weights (``load_format="dummy"``) in the real model's shape, prompts
+as token ids, no tokenizer. Random weights accept nothing, so this measures what a lookahead step
+costs (proposer + verifying K tokens), not what it gains; tokens per forward come from the real
+models in ``benchmarks/results``. CUDA graphs on, as users run.
+
+Usage: ``python -m benchmarks.device.step_cost MODEL_DIR OUT.json`` (MODEL_DIR holds only a
+config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "lookahead": {"method": "lookahead", "lookahead": {"adaptive": False}},
+}
+BATCHES = (1, 16)
+MAX_TOKENS = 128
+PROMPT_LEN = 256
+
+
+def _accepted(llm: Any) -> int:
+    return int(sum(getattr(m, "value", 0) or 0 for m in llm.get_metrics()
+                   if m.name == "vllm:spec_decode_num_accepted_tokens"))
+
+
+def measure(model: str, method: str) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, seed=0,
+              max_model_len=PROMPT_LEN + MAX_TOKENS + 64, max_num_seqs=max(BATCHES),
+              gpu_memory_utilization=0.8, enable_prefix_caching=False, disable_log_stats=False,
+              speculative_config=METHODS[method])
+    result: dict[str, Any] = {"method": method, "engine_start_s": time.perf_counter() - started}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    for batch in BATCHES:
+        prompts = [{"prompt_token_ids": [(101 + 7 * i + 13 * j) % vocab
+                                         for i in range(PROMPT_LEN)]} for j in range(batch)]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        accepted = _accepted(llm)
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        # Every request decodes in lockstep (same lengths, ignore_eos): steps per request.
+        steps = (tokens - (_accepted(llm) - accepted)) / batch
+        result[f"batch{batch}"] = {"wall_s": wall, "steps": steps,
+                                   "ms_per_step": 1000 * wall / steps}
+    return result
+
+
+SHAPE_KEYS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def main() -> None:
+    if sys.argv[1] == "--one":
+        Path(sys.argv[4]).write_text(json.dumps(measure(sys.argv[2], sys.argv[3])))
+        return
+    model, out = sys.argv[1], Path(sys.argv[2])
+    rows = []
+    for method in METHODS:
+        row = out.with_suffix(f".{method}.json")
+        # One process per engine, so each gets the whole GPU.
+        run = subprocess.run([sys.executable, "-m", "benchmarks.device.step_cost", "--one", model,
+                              method, str(row)], check=False)
+        if run.returncode != 0:
+            print(f"step_cost: {method} failed (exit {run.returncode})", flush=True)
+            continue
+        rows.append(json.loads(row.read_text()))
+        row.unlink()
+        print(rows[-1], flush=True)
+    import torch
+    import vllm
+
+    from benchmarks.engine import accelerator_name
+
+    device = accelerator_name("cuda" if torch.cuda.is_available() else "cpu") or "cpu"
+    config = json.loads((Path(model) / "config.json").read_text())
+    out.write_text(json.dumps({"device": device, "vllm": vllm.__version__,
+                               "model_shape": {k: config.get(k) for k in SHAPE_KEYS},
+                               "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
