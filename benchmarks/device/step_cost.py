@@ -1,8 +1,10 @@
 """Milliseconds per engine step on a GPU, with and without lookahead, for a model too large to
 carry to the lent GPU: random weights (``load_format="dummy"``) in the real model's shape, prompts
-as token ids, no tokenizer. Random weights accept nothing, so this measures what a lookahead step
-costs (proposer + verifying K tokens), not what it gains; tokens per forward come from the real
-models in ``benchmarks/results``. CUDA graphs on, as users run.
+as token ids, no tokenizer. Random weights make a meaningless (often repetitive) output, so this
+measures what a decode step costs (proposer + verifying K tokens), not what lookahead gains; tokens
+per forward come from the real models in ``benchmarks/results``. CUDA graphs on, as users run.
+A decode step's time excludes the prefill and the per-call overhead: a run of one token is timed
+and subtracted.
 
 Usage: ``python -m benchmarks.device.step_cost MODEL_DIR OUT.json`` (MODEL_DIR holds only a
 config.json).
@@ -22,7 +24,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "lookahead": {"method": "lookahead", "lookahead": {"adaptive": False}},
 }
 BATCHES = (1, 16)
-MAX_TOKENS = 128
+MAX_TOKENS = 512
 PROMPT_LEN = 256
 
 
@@ -31,8 +33,17 @@ def _accepted(llm: Any) -> int:
                    if m.name == "vllm:spec_decode_num_accepted_tokens"))
 
 
+def _timed_generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
 def measure(model: str, method: str) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     started = time.perf_counter()
     llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, seed=0,
@@ -40,21 +51,19 @@ def measure(model: str, method: str) -> dict[str, Any]:
               gpu_memory_utilization=0.8, enable_prefix_caching=False, disable_log_stats=False,
               speculative_config=METHODS[method])
     result: dict[str, Any] = {"method": method, "engine_start_s": time.perf_counter() - started}
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     for batch in BATCHES:
         prompts = [{"prompt_token_ids": [(101 + 7 * i + 13 * j) % vocab
                                          for i in range(PROMPT_LEN)]} for j in range(batch)]
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        _timed_generate(llm, prompts, 16)  # warm-up
+        prefill_s, _ = _timed_generate(llm, prompts, 1)
         accepted = _accepted(llm)
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        wall = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        # Every request decodes in lockstep (same lengths, ignore_eos): steps per request.
-        steps = (tokens - (_accepted(llm) - accepted)) / batch
-        result[f"batch{batch}"] = {"wall_s": wall, "steps": steps,
-                                   "ms_per_step": 1000 * wall / steps}
+        wall, tokens = _timed_generate(llm, prompts, MAX_TOKENS)
+        # Every request decodes in lockstep (same lengths, ignore_eos); the first token of each
+        # comes from the prefill.
+        steps = (tokens - (_accepted(llm) - accepted)) / batch - 1
+        result[f"batch{batch}"] = {"wall_s": wall, "prefill_s": prefill_s, "decode_steps": steps,
+                                   "ms_per_step": 1000 * (wall - prefill_s) / steps}
     return result
 
 
