@@ -45,9 +45,10 @@ class Requests:
 
 
 class Engine:
-    def __init__(self, cfg, k, prompts, seed=0, model=model, adaptive=False):
+    def __init__(self, cfg, k, prompts, seed=0, model=model, adaptive=False, max_len=MAX_LEN):
         self.model = model
-        self.drafter = LookaheadDrafter(cfg, k, MAX_LEN, adaptive)
+        self.max_len = max_len
+        self.drafter = LookaheadDrafter(cfg, k, max_len, adaptive)
         self.requests = Requests()
         self.rng = random.Random(seed)
         self.tokens = {}
@@ -79,11 +80,11 @@ class Engine:
         traj = StepTrajectory(list(rids), np.array(bases), np.array(cu),
                               lambda: (np.array(flat_d), np.array(flat_y)))
         width = max(len(self.tokens[r]) for r in rids)
-        token_ids = np.zeros((len(rids), MAX_LEN), dtype=np.int32)
+        token_ids = np.zeros((len(rids), self.max_len), dtype=np.int32)
         for row, rid in enumerate(rids):
             token_ids[row, :len(self.tokens[rid])] = self.tokens[rid]
         num_tokens = np.array([len(self.tokens[r]) for r in rids], dtype=np.int32)
-        assert width <= MAX_LEN
+        assert width <= self.max_len
         out = self.drafter.draft_batch(rids, sampled, num_tokens, token_ids, traj, self.requests)
         for rid, d in zip(rids, out, strict=True):
             assert all(isinstance(t, int) for t in d)

@@ -7,16 +7,16 @@ refreshed continuation. Each key keeps at most `capacity` continuations (LADE's 
 re-inserting one moves it to the most-recent end, a new one on a full key evicts the oldest.
 
 Python dicts keep insertion order, so one dict per key is an O(1) LRU (pop + re-insert to
-refresh, first key to evict); the per-step work is building the n-gram arrays, done with numpy.
+refresh, first key to evict). A step adds a handful of n-grams per request, so keys are sliced
+from Python lists: numpy's per-call overhead costs more than it saves at that size.
 """
 
 from __future__ import annotations
 
 import enum
-from itertools import compress
+from collections.abc import Iterable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 Key = tuple[int, ...]
 Continuation = tuple[int, ...]
@@ -50,29 +50,29 @@ class NGramPool:
     def add(self, seq: np.ndarray, starts: np.ndarray, conts: np.ndarray, origin: Origin) -> None:
         """Insert continuation `conts[i]` under every key of `seq` that ends at `starts[i]`; keys
         that reach before the start of `seq` or hold a negative (missing) token are skipped."""
-        if len(starts) == 0:
-            return
-        cont_tuples = list(map(tuple, conts.tolist()))
-        for k in range(1, self.max_key_len + 1):
-            has_key = starts >= k - 1
-            if not has_key.any():
-                break
-            key_idx = starts[has_key][:, None] + np.arange(1 - k, 1)
-            keys = seq[key_idx]
-            complete = (keys >= 0).all(axis=1)
-            has_key[has_key] = complete
-            for key, cont in zip(map(tuple, keys[complete].tolist()),
-                                 compress(cont_tuples, has_key), strict=True):
-                self._insert(key, cont, origin)
+        if len(starts):
+            self._add(seq.tolist(), starts.tolist(), map(tuple, conts.tolist()), origin)
 
     def add_sequence(self, seq: np.ndarray, first_start: int, origin: Origin) -> None:
         """Insert every n-gram of `seq` that starts at index `first_start` or later."""
         n = self.cont_len + 1
         first_start = max(first_start, 0)
-        if len(seq) - first_start < n:
-            return
-        grams = sliding_window_view(seq, n)[first_start:]
-        self.add(seq, np.arange(first_start, first_start + len(grams)), grams[:, 1:], origin)
+        starts = range(first_start, len(seq) - n + 1)
+        if starts:
+            tokens = seq.tolist()
+            self._add(tokens, starts, (tuple(tokens[s + 1:s + n]) for s in starts), origin)
+
+    def _add(self, tokens: list[int], starts: Iterable[int], conts: Iterable[Continuation],
+             origin: Origin) -> None:
+        insert = self._insert
+        for start, cont in zip(starts, conts, strict=True):
+            for k in range(1, min(self.max_key_len, start + 1) + 1):
+                key = tuple(tokens[start - k + 1:start + 1])
+                # Each longer key adds one token in front; once that one is missing, so are all
+                # longer keys.
+                if key[0] < 0:
+                    break
+                insert(key, cont, origin)
 
     def lookup(self, context: np.ndarray) -> tuple[Continuation, Origin] | None:
         """The most recent continuation under the longest key that ends the context."""

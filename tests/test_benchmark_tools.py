@@ -1,8 +1,9 @@
-"""The benchmark's offline inputs: a slimmed prompt cache and a local GGUF (no engine started)."""
+"""Benchmark tools that start no engine: offline inputs (a slimmed prompt cache, a local GGUF) and
+the drafter cost benchmark."""
 
 import pytest
 
-from benchmarks import datasets, models
+from benchmarks import datasets, models, proposer_cost
 
 
 def test_slim_cache_gives_the_same_prompts(tmp_path, monkeypatch):
@@ -21,3 +22,10 @@ def test_a_local_gguf_with_the_wrong_checksum_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"sha256 mismatch .* from .*model\.gguf"):
         models.ensure_model("smollm2-135m", tmp_path / "models", fake)
     assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_proposer_cost_runs_and_its_chains_are_deterministic():
+    first, second = (proposer_cost.run(batch=3, tokens=60) for _ in range(2))
+    spent, request_steps, accepted, _ = first
+    assert spent > 0 and request_steps >= 3 and accepted > 0
+    assert second[1:] == first[1:]
