@@ -68,3 +68,22 @@ def test_other_methods_are_untouched(tiny_model):
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}).speculative_config
     assert spec.method == "ngram"
     assert not hasattr(spec, "lookahead_params")
+
+
+def test_params_reach_a_worker_that_only_has_the_pickled_config(tiny_model, monkeypatch):
+    """Ray ships the engine config to workers with cloudpickle, and a worker on another node has
+    none of the driver's environment: the parameters must travel inside the config. (vLLM's CPU
+    platform refuses Ray, so no Ray cluster runs here.)"""
+    import pickle
+
+    import cloudpickle
+
+    from vllm_lookahead.config import PARAMS_ENV
+    from vllm_lookahead.proposer import _config_for
+
+    cfg = engine_config(tiny_model, speculative_config={
+        "method": "lookahead", "lookahead": {"ngram_size": 5, "guess_set_size": 3}})
+    monkeypatch.delenv(PARAMS_ENV, raising=False)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        shipped = _config_for(pickle.loads(dumps(cfg)).speculative_config)
+        assert (shipped.ngram_size, shipped.guess_set_size, shipped.window_size) == (5, 3, 4)
