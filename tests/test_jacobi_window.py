@@ -111,3 +111,16 @@ def test_a_guess_the_scheduler_dropped_falls_back_to_the_causal_inputs():
                   argmax=np.array([50, 60]), accepted=0)
     grams = [(int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(), strict=True)]
     assert grams == [(11, (22, 60))]
+
+
+def test_a_chain_cut_before_the_issued_guesses_is_harvested_from_its_inputs():
+    """The scheduler may verify fewer tokens than the pool candidate that preceded the guesses."""
+    w = window(n=2, max_key_len=1)
+    w.observe(np.array([1, 2, 3]), base=3, drafts=np.arange(10, 90, 10),
+              argmax=np.arange(11, 91, 10), accepted=0)
+    # the next chain: three candidate tokens, then the guesses for token indices 7, 8, 9
+    assert w.issue(7, chain_offset=3, limit=3).tolist() == [51, 61, 71]
+    h = w.observe(np.array([1, 2, 3, 11]), base=4, drafts=np.array([7, 8]),
+                  argmax=np.array([50, 60]), accepted=0)
+    grams = [(int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(), strict=True)]
+    assert grams == [(7, (60,))]

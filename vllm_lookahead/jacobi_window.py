@@ -89,35 +89,36 @@ class JacobiWindow:
         `context` holds at least the `base` tokens committed before the step; `drafts` and `argmax`
         have one entry per chain position; `accepted` drafts were accepted.
         """
-        drafts = drafts.astype(np.int64)
-        argmax = argmax.astype(np.int64)
-        js = np.arange(accepted + 1, len(drafts))
-        rows = np.concatenate([self._lineages(context, base, drafts)[js - 1],
-                               drafts[js - 1, None], argmax[js, None]], axis=1)
-        self.guesses, self._lineage = self._without_stop_tokens(argmax[js], rows[:, 1:-1])
+        # Python lists, not arrays: a chain is a few tokens, where numpy's call overhead dominates.
+        d, y = drafts.tolist(), argmax.tolist()
+        lineages = self._lineages(context, base, d)
+        # The n-gram ending in prediction y[j]: the lineage of input d[j-1], d[j-1], y[j].
+        rows = [[*lineages[j - 1], d[j - 1], y[j]] for j in range(accepted + 1, len(d))]
+        width = self.lineage_len + 2
+        grid = np.array(rows, dtype=np.int64).reshape(len(rows), width)
+        self.guesses, self._lineage = self._without_stop_tokens(grid[:, -1], grid[:, 1:-1])
         self.anchor = base + accepted + 1
         self._issued_at = -1
         # An n-gram needs all of its N tokens; only the key's extra context may be missing.
-        complete = (rows[:, self.max_key_len - 1:] >= 0).all(axis=1)
-        rows = rows[complete]
-        width = rows.shape[1]
-        return Harvest(seq=rows.ravel(),
-                       starts=np.arange(len(rows)) * width + self.max_key_len - 1,
-                       conts=rows[:, self.max_key_len:])
+        grid = grid[(grid[:, self.max_key_len - 1:] >= 0).all(axis=1)]
+        return Harvest(seq=grid.ravel(),
+                       starts=np.arange(len(grid)) * width + self.max_key_len - 1,
+                       conts=grid[:, self.max_key_len:])
 
-    def _lineages(self, context: np.ndarray, base: int, drafts: np.ndarray) -> np.ndarray:
+    def _lineages(self, context: np.ndarray, base: int, drafts: list[int]) -> list[list[int]]:
         """For every chain input, the `lineage_len` tokens that precede it along its diagonal."""
         span = self.lineage_len
         lo = max(0, base - span)
-        inputs = np.concatenate([np.full(span - (base - lo), -1, dtype=np.int64),
-                                 context[lo:base].astype(np.int64), drafts])
-        causal = inputs[np.arange(len(drafts))[:, None] + np.arange(span)]
-        at, issued = self._issued_at, self._issued
+        inputs = [-1] * (span - (base - lo)) + context[lo:base].tolist() + drafts
+        causal = [inputs[i:i + span] for i in range(len(drafts))]
+        at = self._issued_at
         if at >= 0:
-            m = min(len(issued), len(drafts) - at)
-            # The scheduler may have cut the chain; a guess it kept is at its issued position.
-            same = drafts[at:at + m] == issued[:m]
-            causal[at:at + m][same] = self._issued_lineage[:m][same]
+            issued = self._issued.tolist()
+            # The scheduler may have cut the chain, even before the first guess; a guess it kept
+            # is at its issued position.
+            for i, guess in enumerate(issued[:max(0, len(drafts) - at)]):
+                if drafts[at + i] == guess:
+                    causal[at + i] = self._issued_lineage[i].tolist()
         return causal
 
     def _without_stop_tokens(self, guesses: np.ndarray,
