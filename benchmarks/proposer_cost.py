@@ -5,7 +5,8 @@ shuffled every step) over a deterministic toy language with repeated phrases, so
 chains get accepted as in real traffic. Prints the time per request-step and a digest of every
 chain proposed: an optimisation of the drafter must leave the digest unchanged.
 
-Usage: ``python -m benchmarks.proposer_cost [--batch 8] [--tokens 400] [--repeat 3]``
+Usage, from a checkout with the test dependencies (the simulated engine lives in the tests):
+``python -m benchmarks.proposer_cost [--batch 8] [--tokens 400] [--repeat 3]``
 """
 
 from __future__ import annotations

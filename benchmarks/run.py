@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import platform
 import time
 from collections.abc import Sequence
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            enforce_eager=args.enforce_eager,
                            async_scheduling=args.async_scheduling)
     params = eng.greedy(args.max_tokens, args.seed)
+    accelerator = eng.accelerator_name(args.device)
 
     cells: list[Cell] = []
     method_info = []
@@ -329,24 +331,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         cells += method_cells
         method_info.append(info)
         # Published after every method, so a run cut short keeps what it measured.
+        complete = method is methods[-1]
         results = {"meta": run_meta(args, model, cfg, prompt_sets, method_info, unavailable,
-                                    complete=method is methods[-1]),
+                                    accelerator, complete),
                    "cells": summaries(cells)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        report.write(results, args.out)
+        try:
+            report.write(results, args.out)
+        except Exception:
+            if complete:
+                raise
+            # A report that fails on partial results must not stop the measurements.
+            logging.exception("report of the partial results failed; measuring on")
     print((args.out / "results.md").read_text())
     print(f"results in {args.out}")
 
 
 def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
              prompt_sets: dict[str, list[list[int]]], method_info: list[dict[str, Any]],
-             unavailable: dict[str, str], complete: bool) -> dict[str, Any]:
+             unavailable: dict[str, str], accelerator: str | None,
+             complete: bool) -> dict[str, Any]:
     import vllm
 
     return {
         "model": args.model, "model_path": str(model), "dtype": args.dtype,
-        "device": args.device, "accelerator": eng.accelerator_name(args.device),
+        "device": args.device, "accelerator": accelerator,
         "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
         "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
         "prompts": {name: len(ps) for name, ps in prompt_sets.items()},

@@ -29,3 +29,9 @@ def test_proposer_cost_runs_and_its_chains_are_deterministic():
     spent, request_steps, accepted, _ = first
     assert spent > 0 and request_steps >= 3 and accepted > 0
     assert second[1:] == first[1:]
+
+
+def test_slim_cache_refuses_to_overwrite_the_live_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="live cache"):
+        datasets.write_slim_cache(tmp_path, ("mtbench",))

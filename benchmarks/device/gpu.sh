@@ -10,7 +10,11 @@
 # weights in Qwen2.5-7B's shape into $OUT/step_cost.json
 #   bash benchmarks/device/gpu.sh stepcost .kit/s
 set -euo pipefail
-step=$1 part=$2
+step=${1:-} part=${2:-}
+if [ -z "$step" ] || [ -z "$part" ]; then
+    echo "usage: gpu.sh install|stash|bench|stepcost PART [harness args]" >&2
+    exit 2
+fi
 shift 2
 STASH=/tmp/vllm-lookahead-stash
 mkdir -p "$STASH"
@@ -49,7 +53,8 @@ stepcost)
     ;;
 bench)
     cp "$part"/gguf.xz.* "$STASH"/
-    cp -r "$part"/cache "$STASH"/
+    mkdir -p "$STASH/cache"
+    cp -r "$part"/cache/. "$STASH/cache/"
     cat "$STASH"/gguf.xz.* | python3 -c 'import lzma, shutil, sys
 shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)' > "$STASH/model.gguf"
     python3 -m benchmarks.models "${MODEL:-smollm2-135m}" --gguf "$STASH/model.gguf"

@@ -28,9 +28,9 @@ MAX_TOKENS = 512
 PROMPT_LEN = 256
 
 
-def _accepted(llm: Any) -> int:
-    return int(sum(getattr(m, "value", 0) or 0 for m in llm.get_metrics()
-                   if m.name == "vllm:spec_decode_num_accepted_tokens"))
+def _engine_steps(llm: Any) -> int:
+    """Engine iterations so far: vLLM observes its tokens-per-iteration histogram once per step."""
+    return sum(int(m.count) for m in llm.get_metrics() if m.name == "vllm:iteration_tokens_total")
 
 
 def _timed_generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> tuple[float, int]:
@@ -56,12 +56,14 @@ def measure(model: str, method: str) -> dict[str, Any]:
         prompts = [{"prompt_token_ids": [(101 + 7 * i + 13 * j) % vocab
                                          for i in range(PROMPT_LEN)]} for j in range(batch)]
         _timed_generate(llm, prompts, 16)  # warm-up
+        before = _engine_steps(llm)
         prefill_s, _ = _timed_generate(llm, prompts, 1)
-        accepted = _accepted(llm)
-        wall, tokens = _timed_generate(llm, prompts, MAX_TOKENS)
-        # Every request decodes in lockstep (same lengths, ignore_eos); the first token of each
-        # comes from the prefill.
-        steps = (tokens - (_accepted(llm) - accepted)) / batch - 1
+        prefill_steps = _engine_steps(llm) - before
+        before = _engine_steps(llm)
+        wall, _ = _timed_generate(llm, prompts, MAX_TOKENS)
+        # Requests accept different amounts, so they finish at different steps: count the
+        # engine's own iterations, not tokens per request.
+        steps = _engine_steps(llm) - before - prefill_steps
         result[f"batch{batch}"] = {"wall_s": wall, "prefill_s": prefill_s, "decode_steps": steps,
                                    "ms_per_step": 1000 * (wall - prefill_s) / steps}
     return result
@@ -88,16 +90,17 @@ def main() -> None:
         rows.append(json.loads(row.read_text()))
         row.unlink()
         print(rows[-1], flush=True)
-    import torch
     import vllm
 
     from benchmarks.engine import accelerator_name
 
-    device = accelerator_name("cuda" if torch.cuda.is_available() else "cpu") or "cpu"
+    device = accelerator_name("cuda") or "cpu"
     config = json.loads((Path(model) / "config.json").read_text())
     out.write_text(json.dumps({"device": device, "vllm": vllm.__version__,
                                "model_shape": {k: config.get(k) for k in SHAPE_KEYS},
                                "rows": rows}, indent=1) + "\n")
+    if len(rows) < len(METHODS):
+        sys.exit(f"step_cost: {len(METHODS) - len(rows)} of {len(METHODS)} methods failed")
 
 
 if __name__ == "__main__":
