@@ -2,8 +2,8 @@
 
 Drives `LookaheadDrafter` with the tests' simulated engine (greedy verification, batch rows
 shuffled every step) over a deterministic toy language with repeated phrases, so pools fill and
-chains get accepted as in real traffic. Prints the time per request-step and a digest of every
-chain proposed: an optimisation of the drafter must leave the digest unchanged.
+chains get accepted as in real traffic. Prints the time per request-step, a digest of every chain
+proposed (an optimisation of the drafter must leave it unchanged) and the pools' memory at the end.
 
 Usage, from a checkout with the test dependencies (the simulated engine lives in the tests):
 ``python -m benchmarks.proposer_cost [--batch 8] [--tokens 400] [--repeat 3]``
@@ -40,7 +40,7 @@ class ToyLanguage:
         return self._table[key]
 
 
-def run(batch: int, tokens: int) -> tuple[float, int, int, str]:
+def run(batch: int, tokens: int) -> tuple[float, int, int, str, tuple[int, int]]:
     prompts = [[random.Random(i).randrange(64) for _ in range(PROMPT_LEN)] for i in range(batch)]
     engine = sim.Engine(LookaheadConfig(), 7, prompts, model=ToyLanguage(1),
                         max_len=PROMPT_LEN + tokens + 64)
@@ -59,7 +59,9 @@ def run(batch: int, tokens: int) -> tuple[float, int, int, str]:
 
     engine.drafter.draft_batch = timed  # type: ignore[method-assign]
     engine.run(tokens)
-    return spent, request_steps, engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16]
+    pools = [state.pool for state in engine.drafter.states.values()]
+    size = sum(len(p) for p in pools), sum(p.nbytes() for p in pools)
+    return spent, request_steps, engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16], size
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     for _ in range(args.repeat):
-        spent, request_steps, accepted, digest = run(args.batch, args.tokens)
+        spent, request_steps, accepted, digest, (continuations, nbytes) = run(args.batch,
+                                                                              args.tokens)
         print(f"batch {args.batch}: {1e6 * spent / request_steps:.1f} us per request-step over "
-              f"{request_steps} request-steps, {accepted} tokens accepted, chains {digest}")
+              f"{request_steps} request-steps, {accepted} tokens accepted, chains {digest}; "
+              f"pools {continuations} continuations, {nbytes / 1024:.0f} KiB "
+              f"({nbytes / max(continuations, 1):.0f} B each)")
 
 
 if __name__ == "__main__":

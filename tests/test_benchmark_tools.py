@@ -26,8 +26,9 @@ def test_a_local_gguf_with_the_wrong_checksum_is_refused(tmp_path):
 
 def test_proposer_cost_runs_and_its_chains_are_deterministic():
     first, second = (proposer_cost.run(batch=3, tokens=60) for _ in range(2))
-    spent, request_steps, accepted, _ = first
+    spent, request_steps, accepted, _, (continuations, nbytes) = first
     assert spent > 0 and request_steps >= 3 and accepted > 0
+    assert continuations > 0 and nbytes > 100 * continuations
     assert second[1:] == first[1:]
 
 

@@ -97,3 +97,15 @@ def test_add_sequence_from_an_offset_adds_only_later_ngrams(seq, first):
     expected = {(a, b) for i, (a, b) in enumerate(itertools.pairwise(seq)) if i >= first}
     stored = {(key[0], cont[0]) for key in {(t,) for t in seq} for cont in pool.continuations(key)}
     assert stored == expected
+
+
+def test_nbytes_grows_with_new_ngrams_not_with_refreshed_ones():
+    pool = NGramPool(ngram_size=3, capacity=2, max_key_len=1)
+    empty = pool.nbytes()
+    pool.add_sequence(arr(1, 2, 3, 1, 4, 5), 0, Origin.OUTPUT)
+    held = pool.nbytes()
+    assert held > empty
+    pool.add_sequence(arr(1, 2, 3, 1, 4, 5), 0, Origin.OUTPUT)
+    assert pool.nbytes() == held
+    pool.add_sequence(arr(6, 7, 8), 0, Origin.OUTPUT)
+    assert pool.nbytes() > held

@@ -14,6 +14,7 @@ from Python lists: numpy's per-call overhead costs more than it saves at that si
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Iterable
 
 import numpy as np
@@ -83,6 +84,17 @@ class NGramPool:
                 cont = next(reversed(bucket))
                 return cont, bucket[cont]
         return None
+
+    def nbytes(self) -> int:
+        """Approximate memory held: the table, its buckets, keys, continuations and the int
+        objects in them (CPython caches small ints; counted anyway, as an upper bound)."""
+        total = sys.getsizeof(self._table)
+        for key, bucket in self._table.items():
+            total += sys.getsizeof(key) + sys.getsizeof(bucket)
+            total += sum(sys.getsizeof(t) for t in key)
+            for cont in bucket:
+                total += sys.getsizeof(cont) + sum(sys.getsizeof(t) for t in cont)
+        return total
 
     def continuations(self, key: Key) -> list[Continuation]:
         """Continuations stored under `key`, oldest first."""
