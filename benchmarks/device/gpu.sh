@@ -10,11 +10,12 @@
 # weights in Qwen2.5-7B's shape into $OUT/step_cost.json
 #   bash benchmarks/device/gpu.sh stepcost .kit/s
 set -euo pipefail
-step=${1:-} part=${2:-}
-if [ -z "$step" ] || [ -z "$part" ]; then
+usage() {
     echo "usage: gpu.sh install|stash|bench|stepcost PART [harness args]" >&2
     exit 2
-fi
+}
+step=${1:-} part=${2:-}
+[ -n "$step" ] && [ -n "$part" ] || usage
 shift 2
 STASH=/tmp/vllm-lookahead-stash
 mkdir -p "$STASH"
@@ -23,6 +24,9 @@ export PYTHONPATH=/tmp/site:$PWD VLLM_LOOKAHEAD_CACHE=$STASH/cache
 # The kit's vLLM is 0.26, the newest built for the device's torch; the plugin's gate names the
 # versions it is tested on.
 export VLLM_LOOKAHEAD_ALLOW_UNTESTED_VLLM=1
+stash_slices() {  # the GGUF slices this call carries, kept while the machine stays warm
+    cp "$part"/gguf.xz.* "$STASH"/
+}
 install() {
     mkdir -p /tmp/vkit
     tar -xf "$part/part1.tar" -C /tmp/vkit
@@ -43,16 +47,16 @@ PY
 
 case $step in
 install)
-    cp "$part"/gguf.xz.* "$STASH"/
+    stash_slices
     install
     ;;
-stash) cp "$part"/gguf.xz.* "$STASH"/ ;;
+stash) stash_slices ;;
 stepcost)
     install
     python3 -m benchmarks.device.step_cost "$part/model" "$OUT/step_cost.json"
     ;;
 bench)
-    cp "$part"/gguf.xz.* "$STASH"/
+    stash_slices
     mkdir -p "$STASH/cache"
     cp -r "$part"/cache/. "$STASH/cache/"
     cat "$STASH"/gguf.xz.* | python3 -c 'import lzma, shutil, sys
@@ -61,8 +65,5 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)' > "
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -m benchmarks.run --model "${MODEL:-smollm2-135m}" --device cuda --out "$OUT/gpu" "$@"
     ;;
-*)
-    echo "usage: gpu.sh install|stash|bench|stepcost PART [harness args]" >&2
-    exit 2
-    ;;
+*) usage ;;
 esac

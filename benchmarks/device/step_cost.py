@@ -33,13 +33,13 @@ def _engine_steps(llm: Any) -> int:
     return sum(int(m.count) for m in llm.get_metrics() if m.name == "vllm:iteration_tokens_total")
 
 
-def _timed_generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> tuple[float, int]:
+def _timed_generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> float:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     started = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - started
 
 
 def measure(model: str, method: str) -> dict[str, Any]:
@@ -57,10 +57,10 @@ def measure(model: str, method: str) -> dict[str, Any]:
                                          for i in range(PROMPT_LEN)]} for j in range(batch)]
         _timed_generate(llm, prompts, 16)  # warm-up
         before = _engine_steps(llm)
-        prefill_s, _ = _timed_generate(llm, prompts, 1)
+        prefill_s = _timed_generate(llm, prompts, 1)
         prefill_steps = _engine_steps(llm) - before
         before = _engine_steps(llm)
-        wall, _ = _timed_generate(llm, prompts, MAX_TOKENS)
+        wall = _timed_generate(llm, prompts, MAX_TOKENS)
         # Requests accept different amounts, so they finish at different steps: count the
         # engine's own iterations, not tokens per request.
         steps = _engine_steps(llm) - before - prefill_steps
