@@ -1,11 +1,12 @@
 """The lookahead drafter's own cost, without vLLM: microseconds per request per step.
 
-Drives `LookaheadDrafter` with the tests' simulated engine (greedy verification, batch rows
-shuffled every step) over a deterministic toy language with repeated phrases, so pools fill and
-chains get accepted as in real traffic. Prints the time per request-step, a digest of every chain
-proposed (an optimisation of the drafter must leave it unchanged) and the pools' memory at the end.
+Drives `LookaheadDrafter` with the simulated engine of `vllm_lookahead.simulation` (greedy
+verification, batch rows shuffled every step) over a deterministic toy language with repeated
+phrases, so pools fill and chains get accepted as in real traffic. Prints the time per
+request-step, a digest of every chain proposed (an optimisation of the drafter must leave it
+unchanged) and the pools' memory at the end.
 
-Usage, from a checkout with the test dependencies (the simulated engine lives in the tests):
+Usage:
 ``python -m benchmarks.proposer_cost [--batch 8] [--tokens 400] [--repeat 3]``
 """
 
@@ -18,8 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tests import test_drafter as sim
 from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.simulation import SimulatedEngine
 
 VOCAB = 2000
 PROMPT_LEN = 300
@@ -42,7 +43,7 @@ class ToyLanguage:
 
 def run(batch: int, tokens: int) -> tuple[float, int, int, str, tuple[int, int]]:
     prompts = [[random.Random(i).randrange(64) for _ in range(PROMPT_LEN)] for i in range(batch)]
-    engine = sim.Engine(LookaheadConfig(), 7, prompts, model=ToyLanguage(1),
+    engine = SimulatedEngine(LookaheadConfig(), 7, prompts, model=ToyLanguage(1),
                         max_len=PROMPT_LEN + tokens + 64)
     draft_batch = engine.drafter.draft_batch
     digest = hashlib.sha256()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.proposer import LookaheadDrafter, RequestInfo, Source
-from vllm_lookahead.trajectory import StepTrajectory
+from vllm_lookahead.drafter import LookaheadDrafter, Source
+from vllm_lookahead.simulation import Requests, SimulatedEngine
 
 VOCAB = 37
 MAX_LEN = 256
@@ -29,78 +29,6 @@ def successor(tokens):
     return (tokens[-1] + 1) % VOCAB
 
 
-class Requests:
-    def __init__(self):
-        self.owners, self.prompt_lens = {}, {}
-
-    def add(self, rid, prompt_len):
-        self.owners[rid] = object()
-        self.prompt_lens[rid] = prompt_len
-
-    def owner(self, rid):
-        return self.owners.get(rid)
-
-    def info(self, row, rid):
-        return RequestInfo(self.owners[rid], self.prompt_lens[rid], frozenset())
-
-
-class Engine:
-    def __init__(self, cfg, k, prompts, seed=0, model=model, adaptive=False, max_len=MAX_LEN):
-        self.model = model
-        self.max_len = max_len
-        self.drafter = LookaheadDrafter(cfg, k, max_len, adaptive)
-        self.requests = Requests()
-        self.rng = random.Random(seed)
-        self.tokens = {}
-        self.drafts = {}
-        for i, p in enumerate(prompts):
-            rid = f"req-{i}"
-            self.requests.add(rid, len(p))
-            self.tokens[rid] = list(p)
-            self.drafts[rid] = []
-
-    def step(self, rids, propose=True):
-        """Verify each request's drafts greedily, commit, then ask for new drafts."""
-        self.rng.shuffle(rids)
-        bases, flat_d, flat_y, cu, sampled = [], [], [], [0], []
-        for rid in rids:
-            toks, d = self.tokens[rid], self.drafts[rid]
-            y = [self.model(toks + d[:j]) for j in range(len(d) + 1)]
-            a = next((j for j in range(len(d)) if d[j] != y[j]), len(d))
-            bases.append(len(toks))
-            flat_d += d
-            flat_y += y[:len(d)]
-            cu.append(cu[-1] + len(d))
-            sampled.append([*d[:a], y[a]])
-            toks.extend([*d[:a], y[a]])
-        if not propose:
-            for rid in rids:
-                self.drafts[rid] = []
-            return
-        traj = StepTrajectory(list(rids), np.array(bases), np.array(cu),
-                              lambda: (np.array(flat_d), np.array(flat_y)))
-        width = max(len(self.tokens[r]) for r in rids)
-        token_ids = np.zeros((len(rids), self.max_len), dtype=np.int32)
-        for row, rid in enumerate(rids):
-            token_ids[row, :len(self.tokens[rid])] = self.tokens[rid]
-        num_tokens = np.array([len(self.tokens[r]) for r in rids], dtype=np.int32)
-        assert width <= self.max_len
-        out = self.drafter.draft_batch(rids, sampled, num_tokens, token_ids, traj, self.requests)
-        for rid, d in zip(rids, out, strict=True):
-            assert all(isinstance(t, int) for t in d)
-            self.drafts[rid] = d
-
-    def run(self, new_tokens):
-        rids = list(self.tokens)
-        start = {r: len(self.tokens[r]) for r in rids}
-        steps = 0
-        while any(len(self.tokens[r]) - start[r] < new_tokens for r in rids):
-            live = [r for r in rids if len(self.tokens[r]) - start[r] < new_tokens]
-            self.step(live)
-            steps += 1
-        return steps
-
-
 def greedy(prompt, n):
     toks = list(prompt)
     for _ in range(n):
@@ -108,11 +36,15 @@ def greedy(prompt, n):
     return toks
 
 
+def simulate(cfg, k, prompts, seed=0, model=model, adaptive=False, max_len=MAX_LEN):
+    return SimulatedEngine(cfg, k, prompts, model, seed=seed, adaptive=adaptive, max_len=max_len)
+
+
 PROMPTS = [[1, 2], [3, 4, 5, 6], [9, 9, 9], [11, 30, 2, 8, 19]]
 
 
 def test_outputs_follow_the_model_and_take_fewer_steps():
-    eng = Engine(LookaheadConfig(ngram_size=3, window_size=4), k=6, prompts=PROMPTS)
+    eng = simulate(LookaheadConfig(ngram_size=3, window_size=4), k=6, prompts=PROMPTS)
     steps = eng.run(60)
     for i, p in enumerate(PROMPTS):
         toks = eng.tokens[f"req-{i}"]
@@ -122,7 +54,7 @@ def test_outputs_follow_the_model_and_take_fewer_steps():
 
 
 def test_trajectory_ngrams_are_proposed_and_accepted():
-    eng = Engine(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
+    eng = simulate(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
                  prompts=[[30, 31, 32, 33, 2]], model=successor)
     eng.run(34)
     s = eng.drafter.stats
@@ -133,7 +65,7 @@ def test_trajectory_ngrams_are_proposed_and_accepted():
 
 def test_first_trajectory_candidate_comes_from_past_the_first_rejection():
     """Catch the first proposal of a trajectory n-gram and check where it was harvested."""
-    eng = Engine(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
+    eng = simulate(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
                  prompts=[[30, 31, 32, 33, 2]], model=successor)
     rid = "req-0"
     harvested = []
@@ -162,7 +94,7 @@ def test_first_trajectory_candidate_comes_from_past_the_first_rejection():
 
 def test_chain_never_exceeds_k_or_max_model_len():
     k = 8
-    eng = Engine(LookaheadConfig(ngram_size=4, window_size=5), k=k, prompts=[[1, 2]])
+    eng = simulate(LookaheadConfig(ngram_size=4, window_size=5), k=k, prompts=[[1, 2]])
     rid = "req-0"
     while len(eng.tokens[rid]) < MAX_LEN - 1:
         eng.step([rid])
@@ -171,7 +103,7 @@ def test_chain_never_exceeds_k_or_max_model_len():
 
 
 def test_rollback_and_skipped_steps_resync_from_committed_tokens():
-    eng = Engine(LookaheadConfig(ngram_size=3, window_size=3), k=5, prompts=[[1, 2, 3]])
+    eng = simulate(LookaheadConfig(ngram_size=3, window_size=3), k=5, prompts=[[1, 2, 3]])
     rid = "req-0"
     for _ in range(5):
         eng.step([rid])
@@ -188,7 +120,7 @@ def test_rollback_and_skipped_steps_resync_from_committed_tokens():
 
 
 def test_finished_and_reused_ids_get_fresh_state():
-    eng = Engine(LookaheadConfig(), k=7, prompts=[[1, 2, 3, 4]])
+    eng = simulate(LookaheadConfig(), k=7, prompts=[[1, 2, 3, 4]])
     eng.run(10)
     old = eng.drafter.states["req-0"]
     eng.requests.add("req-0", 4)  # aborted and resubmitted under the same id
@@ -212,7 +144,7 @@ def test_rows_without_a_sample_get_no_drafts():
 
 def test_same_seed_same_chains_other_seed_other_padding():
     def chains(seed):
-        eng = Engine(LookaheadConfig(ngram_size=3, window_size=4, seed=seed), k=6,
+        eng = simulate(LookaheadConfig(ngram_size=3, window_size=4, seed=seed), k=6,
                      prompts=[[3, 4, 5, 6, 7, 8]])
         out = []
         for _ in range(6):
@@ -227,7 +159,7 @@ def test_same_seed_same_chains_other_seed_other_padding():
 def test_adaptive_chain_follows_acceptance():
     """Shrinks to the accepted length + 1 after a rejection, doubles after full acceptance."""
     k = 8
-    eng = Engine(LookaheadConfig(ngram_size=3, window_size=6), k=k, prompts=PROMPTS[:1],
+    eng = simulate(LookaheadConfig(ngram_size=3, window_size=6), k=k, prompts=PROMPTS[:1],
                  adaptive=True)
     rid = "req-0"
     eng.step([rid])

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.proposer import LookaheadProposer, RequestInfo
+from vllm_lookahead.drafter import RequestInfo
 from vllm_lookahead.trajectory import StepTrajectory
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,12 @@ _MARK = "_vllm_lookahead_hook"
 
 class UnsupportedVLLMError(RuntimeError):
     pass
+
+
+def _is_lookahead(drafter: Any) -> bool:
+    """The runner's drafter is a lookahead proposer (marked by a class attribute, so that this
+    module need not import the proposer, which imports it)."""
+    return getattr(type(drafter), "uses_lookahead_hooks", False) is True
 
 
 def vllm_version() -> str:
@@ -104,7 +110,7 @@ def _wrap(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..
 def _sample_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
         drafter = getattr(self, "drafter", None)
-        if not isinstance(drafter, LookaheadProposer):
+        if not _is_lookahead(drafter):
             return original(self, logits, spec_decode_metadata)
         drafter.bind_runner(self)
         if spec_decode_metadata is None or logits is None:
@@ -126,7 +132,7 @@ def _removed_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def _on_request_state_removed(self: Any, req_id: str, req_state: Any) -> None:
         original(self, req_id, req_state)
         drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, LookaheadProposer):
+        if _is_lookahead(drafter):
             drafter.on_request_removed(req_id)
 
     return _on_request_state_removed
@@ -247,6 +253,6 @@ class RunnerRequests:
 def worker_stats(worker: Any) -> dict[str, Any] | None:
     """The proposer's statistics in one worker: `llm.collective_rpc(worker_stats)`."""
     drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
-    if not isinstance(drafter, LookaheadProposer):
+    if not _is_lookahead(drafter):
         return None
     return drafter.drafter.snapshot()

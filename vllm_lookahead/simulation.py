@@ -1,0 +1,95 @@
+"""A simulated engine for the drafter: a deterministic next-token function stands in for the model
+and vLLM's greedy verification rule is applied, with batch rows shuffled every step as vLLM's
+persistent batch does. No vLLM; used by the tests and by `benchmarks.proposer_cost`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.drafter import LookaheadDrafter, RequestInfo
+from vllm_lookahead.trajectory import StepTrajectory
+
+NextToken = Callable[[Sequence[int]], int]
+
+
+class Requests:
+    """The engine's live requests, as the drafter asks for them (`RequestSource`)."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, object] = {}
+        self.prompt_lens: dict[str, int] = {}
+
+    def add(self, rid: str, prompt_len: int) -> None:
+        self.owners[rid] = object()
+        self.prompt_lens[rid] = prompt_len
+
+    def owner(self, rid: str) -> object | None:
+        return self.owners.get(rid)
+
+    def info(self, row: int, rid: str) -> RequestInfo:
+        return RequestInfo(self.owners[rid], self.prompt_lens[rid], frozenset())
+
+
+class SimulatedEngine:
+    """Requests `req-0, req-1, ...` with the given prompts, decoded greedily by `model`."""
+
+    def __init__(self, cfg: LookaheadConfig, k: int, prompts: Sequence[Sequence[int]],
+                 model: NextToken, seed: int = 0, adaptive: bool = False,
+                 max_len: int = 256) -> None:
+        self.model = model
+        self.max_len = max_len
+        self.drafter = LookaheadDrafter(cfg, k, max_len, adaptive)
+        self.requests = Requests()
+        self.rng = random.Random(seed)
+        self.tokens: dict[str, list[int]] = {}
+        self.drafts: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            rid = f"req-{i}"
+            self.requests.add(rid, len(p))
+            self.tokens[rid] = list(p)
+            self.drafts[rid] = []
+
+    def step(self, rids: list[str], propose: bool = True) -> None:
+        """Verify each request's drafts greedily, commit, then ask for new drafts."""
+        self.rng.shuffle(rids)
+        bases, flat_d, flat_y, cu, sampled = [], [], [], [0], []
+        for rid in rids:
+            toks, d = self.tokens[rid], self.drafts[rid]
+            y = [self.model(toks + d[:j]) for j in range(len(d) + 1)]
+            a = next((j for j in range(len(d)) if d[j] != y[j]), len(d))
+            bases.append(len(toks))
+            flat_d += d
+            flat_y += y[:len(d)]
+            cu.append(cu[-1] + len(d))
+            sampled.append([*d[:a], y[a]])
+            toks.extend([*d[:a], y[a]])
+        if not propose:
+            for rid in rids:
+                self.drafts[rid] = []
+            return
+        traj = StepTrajectory(list(rids), np.array(bases), np.array(cu),
+                              lambda: (np.array(flat_d), np.array(flat_y)))
+        token_ids = np.zeros((len(rids), self.max_len), dtype=np.int32)
+        for row, rid in enumerate(rids):
+            token_ids[row, :len(self.tokens[rid])] = self.tokens[rid]
+        num_tokens = np.array([len(self.tokens[r]) for r in rids], dtype=np.int32)
+        out = self.drafter.draft_batch(rids, sampled, num_tokens, token_ids, traj, self.requests)
+        for rid, d in zip(rids, out, strict=True):
+            if not all(isinstance(t, int) for t in d):
+                raise TypeError(f"drafts must be Python ints, got {d!r}")
+            self.drafts[rid] = d
+
+    def run(self, new_tokens: int) -> int:
+        """Decode until every request has `new_tokens` more tokens; returns the steps taken."""
+        rids = list(self.tokens)
+        start = {r: len(self.tokens[r]) for r in rids}
+        steps = 0
+        while any(len(self.tokens[r]) - start[r] < new_tokens for r in rids):
+            live = [r for r in rids if len(self.tokens[r]) - start[r] < new_tokens]
+            self.step(live)
+            steps += 1
+        return steps
