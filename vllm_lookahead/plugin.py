@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +24,9 @@ from vllm_lookahead.config import (
     LookaheadConfigError,
     translate_speculative_config,
 )
+from vllm_lookahead.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _MARK = "_vllm_lookahead_hook"
 PARAMS_ATTR = "lookahead_params"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import time
 import weakref
@@ -22,9 +21,10 @@ import numpy as np
 from vllm_lookahead import vllm_compat
 from vllm_lookahead.config import LookaheadConfig, params_from_env
 from vllm_lookahead.drafter import LookaheadDrafter
+from vllm_lookahead.log import get_logger
 from vllm_lookahead.trajectory import StepTrajectory
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATS_PATH_ENV = "VLLM_LOOKAHEAD_STATS_PATH"
 """If set, the proposer writes its statistics there as JSON (throttled, and at exit)."""

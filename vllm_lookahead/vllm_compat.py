@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from vllm_lookahead.drafter import RequestInfo
+from vllm_lookahead.log import get_logger
 from vllm_lookahead.trajectory import StepTrajectory
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
 ALLOW_UNTESTED_ENV = "VLLM_LOOKAHEAD_ALLOW_UNTESTED_VLLM"
