@@ -102,26 +102,26 @@ class LookaheadConfig:
         return dataclasses.replace(self, window_size=k - self.candidate_len)
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
+def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "",
+               what: str = "lookahead parameter") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise LookaheadConfigError(
-            f"lookahead parameter {name!r} must be an int in [{lo}, {hi}], got {value!r} "
+            f"{what} {name!r} must be an int in [{lo}, {hi}], got {value!r} "
             f"({type(value).__name__})"
         )
     if not lo <= value <= hi:
         reason = f" ({why})" if why else ""
         raise LookaheadConfigError(
-            f"lookahead parameter {name!r}={value} is out of range: valid range is "
-            f"[{lo}, {hi}]{reason}"
+            f"{what} {name!r}={value} is out of range: valid range is [{lo}, {hi}]{reason}"
         )
 
 
-def _check_bool(name: str, value: Any, alternative: str = "") -> None:
+def _check_bool(name: str, value: Any, alternative: str = "",
+                what: str = "lookahead parameter") -> None:
     if not isinstance(value, bool):
         alt = f" {alternative}" if alternative else ""
         raise LookaheadConfigError(
-            f"lookahead parameter {name!r} must be a bool{alt}, got {value!r} "
-            f"({type(value).__name__})"
+            f"{what} {name!r} must be a bool{alt}, got {value!r} ({type(value).__name__})"
         )
 
 
@@ -196,3 +196,111 @@ def _pop_lookahead_params(spec: dict[str, Any]) -> dict[str, Any]:
             )
         params[name] = spec.pop(key)
     return params
+
+
+REQUEST_KEY = METHOD
+"""The `SamplingParams.extra_args` key of a request's lookahead options."""
+
+MAX_NAMESPACE_LEN = 256
+_REQUEST = "lookahead request option"
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOptions:
+    """One request's lookahead options, from `SamplingParams(extra_args={"lookahead": {...}})`.
+
+    Over HTTP, `vllm_xargs` holds only strings, numbers and lists, and turns JSON booleans into
+    integers, so the options also come flat (`"lookahead_enabled": 0`) or as a JSON string
+    (`"lookahead": "{\\"enabled\\": false}"`), and 0/1 stand for false/true.
+    """
+
+    enabled: bool = True
+    """False: no drafts for this request (plain decoding, one token per step)."""
+    num_speculative_tokens: int | None = None
+    """At most this many draft tokens per step for this request; 0 is the same as enabled=false.
+    The front-end refuses values above the engine's K; the worker also clamps to K."""
+    namespace: str | None = None
+    """Requests share cross-request pool entries only within one namespace; None is the default
+    namespace, shared by every request that names none."""
+    share: bool = True
+    """False: the request neither drafts from nor adds to the cross-request pool (it keeps its
+    own per-request pool); a namespace then makes no sense and is refused."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "enabled", _flag("enabled", self.enabled))
+        object.__setattr__(self, "share", _flag("share", self.share))
+        if self.num_speculative_tokens is not None:
+            _check_int("num_speculative_tokens", self.num_speculative_tokens, 0, MAX_SPEC_LEN,
+                       what=_REQUEST)
+        if self.namespace is not None:
+            _check_namespace(self.namespace)
+            if not self.share:
+                raise LookaheadConfigError(
+                    f"{_REQUEST}s 'namespace'={self.namespace!r} and 'share'=false contradict: "
+                    "a request that does not share has no namespace; drop one of them")
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> RequestOptions:
+        """The options in a request's `extra_args` (defaults if it has none)."""
+        options = _request_options(extra_args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LookaheadConfigError(
+                f"unknown {_REQUEST} {unknown[0]!r}; valid options: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def check_engine_budget(self, k: int) -> None:
+        """Refuse a per-request budget above the engine's K (where K is known: the front-end)."""
+        if self.num_speculative_tokens is not None:
+            _check_int("num_speculative_tokens", self.num_speculative_tokens, 0, k,
+                       why=f"the engine's num_speculative_tokens is {k}", what=_REQUEST)
+
+    def chain_budget(self, k: int) -> int:
+        """The most draft tokens per step for this request in an engine whose budget is K."""
+        if not self.enabled:
+            return 0
+        if self.num_speculative_tokens is None:
+            return k
+        return min(k, self.num_speculative_tokens)
+
+
+def _request_options(extra_args: Mapping[str, Any]) -> dict[str, Any]:
+    nested = extra_args.get(REQUEST_KEY)
+    if isinstance(nested, str):
+        try:
+            nested = json.loads(nested)
+        except json.JSONDecodeError as e:
+            raise LookaheadConfigError(
+                f"extra_args[{REQUEST_KEY!r}] is not valid JSON: {e}") from None
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, Mapping):
+        raise LookaheadConfigError(
+            f"extra_args[{REQUEST_KEY!r}] must be an object of lookahead request options (or a "
+            f"JSON string of one), got {nested!r}")
+    options = dict(nested)
+    for key in [k for k in extra_args if k.startswith(_FLAT_PREFIX)]:
+        name = key[len(_FLAT_PREFIX):]
+        if name in options:
+            raise LookaheadConfigError(
+                f"{_REQUEST} {name!r} is given twice (as {key!r} and inside {REQUEST_KEY!r})")
+        options[name] = extra_args[key]
+    return options
+
+
+def _flag(name: str, value: Any) -> bool:
+    # vllm_xargs turns JSON true/false into 1/0, so those two integers stand for booleans here.
+    if not isinstance(value, bool) and isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    _check_bool(name, value, "(true/false, or 1/0)", what=_REQUEST)
+    return value
+
+
+def _check_namespace(value: Any) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAMESPACE_LEN:
+        shown = f"{value[:40]!r}... ({len(value)} characters)" if isinstance(value, str) \
+            and len(value) > 40 else repr(value)
+        raise LookaheadConfigError(
+            f"{_REQUEST} 'namespace' must be a string of 1 to {MAX_NAMESPACE_LEN} characters, "
+            f"got {shown} ({type(value).__name__})")

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.jacobi_window import JacobiWindow
 from vllm_lookahead.ngram_cache import NGramPool, Origin
 from vllm_lookahead.trajectory import StepTrajectory
@@ -39,6 +39,8 @@ class RequestInfo:
     """vLLM's state object for the request; another object under the same id is a new request."""
     num_prompt_tokens: int
     stop_token_ids: frozenset[int]
+    options: RequestOptions = dataclasses.field(default_factory=RequestOptions)
+    """The request's lookahead options (`extra_args`), validated in the front-end."""
 
 
 class RequestSource(Protocol):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_lookahead.config import LookaheadConfigError, RequestOptions
 from vllm_lookahead.drafter import RequestInfo
 from vllm_lookahead.log import get_logger
 from vllm_lookahead.trajectory import StepTrajectory
@@ -247,7 +248,19 @@ class RunnerRequests:
         stops = getattr(params, "all_stop_token_ids", None) or ()
         return RequestInfo(owner=owner,
                            num_prompt_tokens=int(self._runner.input_batch.num_prompt_tokens[row]),
-                           stop_token_ids=frozenset(int(t) for t in stops))
+                           stop_token_ids=frozenset(int(t) for t in stops),
+                           options=request_options(req_id, params))
+
+
+def request_options(req_id: str, params: Any) -> RequestOptions:
+    """A request's lookahead options. The front-end has refused bad ones already; should one get
+    here anyway (a front-end without the plugin's check), the request runs with the defaults
+    rather than failing the engine."""
+    try:
+        return RequestOptions.from_extra_args(getattr(params, "extra_args", None))
+    except LookaheadConfigError as e:
+        logger.warning("vllm-lookahead: request %s: %s; using the default options", req_id, e)
+        return RequestOptions()
 
 
 def worker_stats(worker: Any) -> dict[str, Any] | None:
