@@ -1,9 +1,11 @@
 """Lookahead Decoding (Fu et al., ICML 2024) as a draft-model-free speculative method for vLLM."""
 
-from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError
+from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError, RequestOptions
+from vllm_lookahead.metrics import engine_stats
 
 __version__ = "0.1.0"
-__all__ = ["LookaheadConfig", "LookaheadConfigError", "register"]
+__all__ = ["LookaheadConfig", "LookaheadConfigError", "RequestOptions", "engine_stats",
+           "register"]
 
 
 def register() -> None:

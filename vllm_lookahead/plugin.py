@@ -9,8 +9,10 @@ the validated lookahead parameters on the resulting config, which travels pickle
 and worker process (Ray included). Worker-side hooks live in `vllm_compat`.
 
 The same funnel runs in the front-end process (the API server, or the process that builds `LLM`),
-so it also installs the check of each request's lookahead options before the request reaches the
-engine (`InputProcessor._validate_params`, vLLM's own per-request validation).
+so it also sets up the front-end's part of observability and per-request control: a statistics
+directory on the config plus the collector that serves it on `/metrics` (`metrics`), and the check
+of each request's lookahead options before the request reaches the engine
+(`InputProcessor._validate_params`, vLLM's own per-request validation).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
+from vllm_lookahead import metrics
 from vllm_lookahead.config import (
     METHOD,
     PARAMS_ENV,
@@ -38,6 +41,7 @@ logger = get_logger(__name__)
 
 _MARK = "_vllm_lookahead_hook"
 PARAMS_ATTR = "lookahead_params"
+_STATS_DIR_OF_ARGS = "_lookahead_stats_dir"
 
 
 class LookaheadRequestError(VLLMValidationError, LookaheadConfigError):
@@ -74,6 +78,8 @@ def _translating(original: Callable[..., Any]) -> Callable[..., Any]:
             spec = original(self, target_model_config, target_parallel_config)
             if _is_lookahead(spec):  # the zero-patch `custom_class` form
                 _set_up_front_end(self, spec)
+            else:
+                metrics.export(None)  # a new engine without lookahead: stop exporting the last
             return spec
         merged = dict(user or {})
         for key, value in (("method", self.spec_method), ("model", self.spec_model),
@@ -108,7 +114,12 @@ def _is_lookahead(spec: Any) -> bool:
 
 
 def _set_up_front_end(engine_args: Any, spec: Any) -> None:
-    """The per-request option check."""
+    """Statistics directory and exporter, and the per-request option check. One directory per
+    EngineArgs: `create_engine_config` may run twice on the same arguments (the CLI path does)."""
+    stats_dir = getattr(engine_args, _STATS_DIR_OF_ARGS, None) or metrics.new_stats_dir()
+    setattr(engine_args, _STATS_DIR_OF_ARGS, stats_dir)
+    object.__setattr__(spec, metrics.STATS_DIR_ATTR, stats_dir)
+    metrics.export(stats_dir)
     install_request_check()
 
 

@@ -10,15 +10,13 @@ in `vllm_compat`, the only module that reads vLLM internals. Imports go one way:
 from __future__ import annotations
 
 import atexit
-import json
-import os
 import time
 import weakref
 from typing import Any
 
 import numpy as np
 
-from vllm_lookahead import vllm_compat
+from vllm_lookahead import metrics, vllm_compat
 from vllm_lookahead.config import LookaheadConfig, params_from_env
 from vllm_lookahead.drafter import LookaheadDrafter
 from vllm_lookahead.log import get_logger
@@ -26,10 +24,7 @@ from vllm_lookahead.trajectory import StepTrajectory
 
 logger = get_logger(__name__)
 
-STATS_PATH_ENV = "VLLM_LOOKAHEAD_STATS_PATH"
-"""If set, the proposer writes its statistics there as JSON (throttled, and at exit)."""
-
-_STATS_WRITE_INTERVAL_S = 1.0
+STATS_PATH_ENV = metrics.STATS_PATH_ENV
 
 
 class LookaheadProposer:
@@ -49,10 +44,11 @@ class LookaheadProposer:
                                         vllm_config.model_config.max_model_len, adaptive)
         self._runner: weakref.ReferenceType[Any] | None = None
         self._trajectory: StepTrajectory | None = None
-        self._stats_path = os.environ.get(STATS_PATH_ENV)
-        self._last_stats_write = 0.0
-        if self._stats_path:
-            atexit.register(self.write_stats)
+        # Statistics export (vllm_lookahead.metrics): only the engine's reporting worker writes.
+        self.chain_lengths = metrics.ChainLengths(spec.num_speculative_tokens)
+        self.stats_writer = vllm_compat.stats_writer(vllm_config)
+        if self.stats_writer:
+            atexit.register(lambda: self.stats_writer.write(self.snapshot()))
         logger.info("Lookahead decoding: %s, num_speculative_tokens=%d, adaptive chain=%s", cfg,
                     spec.num_speculative_tokens, adaptive)
 
@@ -69,7 +65,7 @@ class LookaheadProposer:
     def on_request_removed(self, req_id: str) -> None:
         self.drafter.remove(req_id)
         if not self.drafter.states:
-            self.write_stats(force=True)
+            self.stats_writer.idle(self.snapshot)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None,
@@ -85,21 +81,15 @@ class LookaheadProposer:
             vllm_compat.batch_req_ids(runner, len(sampled_token_ids)), sampled_token_ids,
             num_tokens_no_spec, token_ids_cpu, trajectory, vllm_compat.RunnerRequests(runner))
         self.drafter.stats.propose_seconds += time.perf_counter() - start
-        self.write_stats()
+        self.chain_lengths.observe(drafts)
+        self.stats_writer.after_step(self.snapshot)
         return drafts
 
-    def write_stats(self, force: bool = False) -> None:
-        if not self._stats_path:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_stats_write < _STATS_WRITE_INTERVAL_S:
-            return
-        self._last_stats_write = now
-        # Written whole and renamed, so a reader never sees half a file.
-        tmp = f"{self._stats_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.drafter.snapshot(), f)
-        os.replace(tmp, self._stats_path)
+    def snapshot(self) -> dict[str, Any]:
+        """The drafter's statistics and the chain-length counts: what `/metrics` exports."""
+        d = self.drafter.snapshot()
+        d[metrics.CHAIN_LENGTHS] = list(self.chain_lengths.counts)
+        return d
 
 
 def _config_for(spec: Any) -> LookaheadConfig:

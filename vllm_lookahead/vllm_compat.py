@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_lookahead import metrics
 from vllm_lookahead.config import LookaheadConfigError, RequestOptions
 from vllm_lookahead.drafter import RequestInfo
 from vllm_lookahead.log import get_logger
@@ -264,8 +265,40 @@ def request_options(req_id: str, params: Any) -> RequestOptions:
 
 
 def worker_stats(worker: Any) -> dict[str, Any] | None:
-    """The proposer's statistics in one worker: `llm.collective_rpc(worker_stats)`."""
+    """The proposer's statistics in one worker: `llm.collective_rpc(worker_stats)` (needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1; `vllm_lookahead.engine_stats(llm)` does not)."""
     drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
     if not _is_lookahead(drafter):
         return None
-    return drafter.drafter.snapshot()
+    return drafter.snapshot()
+
+
+def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
+    """The writer of this worker's statistics: files only on the engine's reporting worker."""
+    if not is_reporting_worker():
+        return metrics.StatsWriter([], {})
+    index = engine_index(vllm_config)
+    stats_dir = getattr(vllm_config.speculative_config, metrics.STATS_DIR_ATTR, None)
+    paths = [os.environ.get(metrics.STATS_PATH_ENV, "")]
+    if stats_dir:
+        paths.append(metrics.engine_file(stats_dir, index))
+    labels = {"model_name": str(vllm_config.model_config.served_model_name),
+              "engine": str(index)}
+    return metrics.StatsWriter(paths, labels)
+
+
+def is_reporting_worker() -> bool:
+    """One worker reports per engine: tensor-parallel rank 0 (every rank drafts the same chains;
+    only the last pipeline stage drafts at all)."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        return get_tp_group().rank_in_group == 0
+    except AssertionError:  # no TP group: the proposer was built outside a worker (tests)
+        return True
+
+
+def engine_index(vllm_config: Any) -> int:
+    """The engine's index as vLLM's metrics label it (its data-parallel rank)."""
+    parallel = vllm_config.parallel_config
+    return int(getattr(parallel, "data_parallel_index", parallel.data_parallel_rank))
