@@ -35,6 +35,7 @@ class LookaheadProposer:
 
     def __init__(self, vllm_config: Any) -> None:
         vllm_compat.install_runner_hooks()
+        vllm_compat.check_synchronous_scheduling(vllm_config)
         spec = vllm_config.speculative_config
         cfg = _config_for(spec)
         adaptive = cfg.adaptive

@@ -67,6 +67,17 @@ def check_vllm_version() -> str:
         "anyway; outputs stay exact (vLLM verifies every draft) but hooks may fail.")
 
 
+def check_synchronous_scheduling(vllm_config: Any) -> None:
+    """The proposer reads the tokens a step committed when vLLM calls `propose`; with async
+    scheduling vLLM would call it before they exist. vLLM turns async scheduling off for custom
+    proposers today; this fails clearly should a vLLM ever run one with it on."""
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        raise UnsupportedVLLMError(
+            f"vllm-lookahead needs synchronous scheduling, but vLLM {vllm_version()} built the "
+            "lookahead proposer with scheduler_config.async_scheduling=True; start the engine "
+            "with async_scheduling=False (--no-async-scheduling)")
+
+
 def install_runner_hooks() -> None:
     check_vllm_version()
     from vllm.v1.sample import rejection_sampler
