@@ -100,7 +100,7 @@ def test_writer_writes_on_idle_to_busy_then_throttled_then_on_idle(tmp_path):
     assert written()["steps"] == 1
     writer.idle(snap)  # the last request left: exact totals
     assert written()["steps"] == 2
-    assert written()[metrics.META] == {**written()[metrics.META], "idle": True,
+    assert written()[metrics.META] == {**written()[metrics.META], "idle": True, "exact": True,
                                        "labels": {"model_name": "m", "engine": "0"}}
     state["steps"] = 3
     writer.after_step(snap)  # busy again: at once
@@ -197,3 +197,29 @@ def test_only_the_engines_reporting_worker_writes(monkeypatch, tmp_path):
     assert writer.labels == {"model_name": "tiny", "engine": "2"}
     monkeypatch.setattr(vllm_compat, "is_reporting_worker", lambda: False)
     assert not vllm_compat.stats_writer(config)
+
+
+class _Proposer:
+    def __init__(self):
+        self.steps = 0
+
+    def snapshot(self):
+        return {"steps": self.steps, "live_requests": 1}
+
+
+def test_a_reader_in_the_proposers_process_takes_the_live_snapshot(tmp_path):
+    """An engine core in the front-end's process steps only when asked, so it would not write its
+    idle totals by itself: there the collector reads the proposer directly."""
+    writer = metrics.StatsWriter([str(tmp_path / "x.json"), metrics.engine_file(str(tmp_path), 3)],
+                                 {"engine": "3"}, interval_s=3600)
+    proposer = _Proposer()
+    writer.serve_live(proposer.snapshot)
+    writer.after_step(proposer.snapshot)
+    proposer.steps = 5  # not written yet (throttled)
+    (live,) = metrics.read_snapshots(str(tmp_path))
+    assert live["steps"] == 5
+    assert live[metrics.META]["exact"] is True and live[metrics.META]["idle"] is False
+    assert live[metrics.META]["labels"] == {"engine": "3"}
+    del proposer  # held weakly: the file takes over
+    (written,) = metrics.read_snapshots(str(tmp_path))
+    assert written["steps"] == 0 and written[metrics.META]["exact"] is False

@@ -15,7 +15,10 @@ from the scheduler's own state), so:
   reads the files at scrape time and turns each snapshot into metric families named in vLLM's
   style (`vllm:lookahead_*`, labels `model_name` and `engine`), so they appear on `/metrics` next
   to vLLM's own and in `LLM.get_metrics()`. Scrapes cost one small file read per engine; nothing
-  runs per step in the front-end.
+  runs per step in the front-end. Where the engine core runs in the front-end's own process
+  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker), the collector takes the proposer's snapshot
+  directly instead (`StatsWriter.serve_live`): that engine steps only when asked, so it would not
+  write its idle totals by itself.
 * **Offline** (`engine_stats(llm)`): the same snapshots as dicts, without an RPC (so without
   VLLM_ALLOW_INSECURE_SERIALIZATION).
 
@@ -29,6 +32,7 @@ gauge `vllm:lookahead_<key>`, so counters added to the drafter show up before th
 from __future__ import annotations
 
 import atexit
+import inspect
 import json
 import math
 import os
@@ -36,6 +40,7 @@ import re
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,10 +142,18 @@ class StatsWriter:
             self._busy = False
             self.write(snapshot())
 
+    def serve_live(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Let a reader in this process (an engine core in the front-end's process) take
+        `snapshot` directly, exact at any time, instead of the file. Held weakly."""
+        ref = weakref.WeakMethod(snapshot) if inspect.ismethod(snapshot) else lambda: snapshot
+        for path in self.paths:
+            if _is_engine_file(path):
+                _LIVE[os.path.abspath(path)] = (ref, self.labels)
+
     def write(self, snapshot: dict[str, Any]) -> None:
         self._last_write = time.monotonic()
-        snapshot[META] = {"labels": self.labels, "idle": not self._busy,
-                          "written_at": time.time(), "pid": os.getpid()}
+        idle = not self._busy
+        snapshot[META] = _meta(self.labels, idle=idle, exact=idle)
         text = json.dumps(snapshot)
         for path in self.paths:
             try:
@@ -152,6 +165,17 @@ class StatsWriter:
                     self._failed = True
 
 
+def _meta(labels: Mapping[str, str], *, idle: bool, exact: bool) -> dict[str, Any]:
+    """`exact`: the totals are final (written when idle, or read live); `engine_stats` waits for
+    it."""
+    return {"labels": dict(labels), "idle": idle, "exact": exact, "written_at": time.time(),
+            "pid": os.getpid()}
+
+
+# file path -> (weak reference to a snapshot function, labels) of writers in this process
+_LIVE: dict[str, tuple[Callable[[], Any], dict[str, str]]] = {}
+
+
 def _write_atomically(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -161,6 +185,10 @@ def _write_atomically(path: str, text: str) -> None:
 
 def engine_file(stats_dir: str, engine_index: int) -> str:
     return os.path.join(stats_dir, f"engine-{engine_index}.json")
+
+
+def _is_engine_file(path: str) -> bool:
+    return re.fullmatch(r"engine-\d+\.json", os.path.basename(path)) is not None
 
 
 # --- front-end ---------------------------------------------------------------------------------
@@ -182,13 +210,23 @@ def read_snapshots(stats_dir: str | None) -> list[dict[str, Any]]:
     """Every engine's latest snapshot in a stats directory, in engine order."""
     if not stats_dir or not os.path.isdir(stats_dir):
         return []
-    found = []
+    found: dict[int, dict[str, Any]] = {}
     for path in Path(stats_dir).glob("engine-*.json"):
+        if not _is_engine_file(str(path)):
+            continue
         try:
-            found.append((_engine_of(path), json.loads(path.read_text())))
+            found[_engine_of(path)] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # removed or replaced between listing and reading: skip this scrape
-    return [snapshot for _, snapshot in sorted(found, key=lambda item: item[0])]
+    for path, (ref, labels) in list(_LIVE.items()):
+        snapshot = ref()
+        if snapshot is None:
+            del _LIVE[path]
+        elif os.path.dirname(path) == os.path.abspath(stats_dir):
+            live = snapshot()
+            live[META] = _meta(labels, idle=live.get("live_requests") == 0, exact=True)
+            found[_engine_of(Path(path))] = live
+    return [found[index] for index in sorted(found)]
 
 
 def _engine_of(path: Path) -> int:
@@ -331,13 +369,22 @@ def engine_stats(llm: Any, wait_idle_s: float = 10.0) -> list[dict[str, Any]]:
 
     While requests run, a snapshot may be up to WRITE_INTERVAL_S old; once the engine is idle the
     worker writes its exact totals. So this waits (up to `wait_idle_s`) for every engine to report
-    idle: call it after `generate` returns and the totals match vLLM's own counters.
+    idle: call it after `generate` returns and the totals match vLLM's own counters. An engine
+    core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) only steps when asked, so it would not
+    go idle by itself; it is asked directly instead (no serialization in between).
     """
+    engine = getattr(llm, "llm_engine", llm)
+    if type(getattr(engine, "engine_core", None)).__name__ == "InprocClient":
+        # (Its workers may be other processes, which write files only at their next step.)
+        from vllm_lookahead.vllm_compat import worker_stats
+
+        # One snapshot per engine: the first (driver) worker's.
+        return [s for s in engine.collective_rpc(worker_stats) if s is not None][:1]
     stats_dir = stats_dir_of(llm)
     deadline = time.monotonic() + wait_idle_s
     while True:
         snapshots = read_snapshots(stats_dir)
-        if all(s.get(META, {}).get("idle") for s in snapshots) or time.monotonic() > deadline:
+        if all(s.get(META, {}).get("exact") for s in snapshots) or time.monotonic() > deadline:
             return snapshots
         time.sleep(0.02)
 

@@ -48,6 +48,7 @@ class LookaheadProposer:
         # Statistics export (vllm_lookahead.metrics): only the engine's reporting worker writes.
         self.chain_lengths = metrics.ChainLengths(spec.num_speculative_tokens)
         self.stats_writer = vllm_compat.stats_writer(vllm_config)
+        self.stats_writer.serve_live(self.snapshot)
         if self.stats_writer:
             atexit.register(lambda: self.stats_writer.write(self.snapshot()))
         logger.info("Lookahead decoding: %s, num_speculative_tokens=%d, adaptive chain=%s", cfg,
