@@ -133,6 +133,7 @@ def install_request_check() -> None:
 
     from vllm_lookahead import vllm_compat
 
+    vllm_compat.check_vllm_version()
     original = InputProcessor.__dict__.get("_validate_params")
     if getattr(original, _MARK, False):
         return
