@@ -3,6 +3,7 @@ paths are in test_observability.py)."""
 
 import importlib
 import io
+import json
 import logging
 import pkgutil
 
@@ -51,3 +52,34 @@ def test_lines_take_vllms_handler_format_and_level():
     assert "Lookahead decoding: test line" in line
     assert "INFO" in line and "[test_logging.py:" in line  # vLLM's format: level, file:line
     assert "not at INFO" not in line
+
+
+def test_a_custom_logging_config_file_governs_the_plugins_lines(tmp_path):
+    """VLLM_LOGGING_CONFIG_PATH / --log-config-file: a dictConfig that names only `vllm` (and, by
+    dictConfig's default, disables every logger it does not name or contain) still carries the
+    plugin's lines, since they are `vllm.*` loggers."""
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging
+
+    log_file = tmp_path / "vllm.log"
+    config = tmp_path / "logging.json"
+    config.write_text(json.dumps({
+        "version": 1,
+        "formatters": {"plain": {"format": "%(name)s %(levelname)s %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file),
+                              "formatter": "plain"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "DEBUG", "propagate": False}},
+    }))
+    loggers = [x for x in logging.Logger.manager.loggerDict.values()
+               if isinstance(x, logging.Logger)]
+    disabled = {x: x.disabled for x in loggers}
+    try:
+        configure_logging(LoggingConfig(pylogging_config_file=str(config)))
+        get_logger("vllm_lookahead.metrics").debug("debug line from the plugin")
+        for handler in logging.getLogger("vllm").handlers:
+            handler.flush()
+    finally:
+        configure_logging(LoggingConfig(log_level="WARNING"))
+        for x, was in disabled.items():  # the test config disabled the loggers it did not name
+            x.disabled = was
+    assert "vllm.lookahead.metrics DEBUG debug line from the plugin" in log_file.read_text()
