@@ -156,13 +156,19 @@ def _chain(options: RequestOptions, k: int = 6) -> list[int]:
     return chain
 
 
-def drafter_honours_options() -> bool:
-    return _chain(RequestOptions(enabled=False)) == [] and \
-        len(_chain(RequestOptions(num_speculative_tokens=2))) <= 2
+def drafter_honours_options() -> tuple[bool, str]:
+    """Whether the drafter acts on the options yet (the engine tests that need it skip until
+    then), and why not."""
+    reason = "the drafter does not honour RequestOptions yet (being wired in drafter.py)"
+    try:
+        honoured = _chain(RequestOptions(enabled=False)) == [] and \
+            len(_chain(RequestOptions(num_speculative_tokens=2))) <= 2
+    except Exception as e:  # an interface in flux must not stop the other tests from collecting
+        return False, f"{reason}; probing it failed: {type(e).__name__}: {e}"
+    return honoured, reason
 
 
-HONOURED = drafter_honours_options()
-NOT_WIRED = "the drafter does not honour RequestOptions yet (being wired in drafter.py)"
+HONOURED, NOT_WIRED = drafter_honours_options()
 
 
 @pytest.mark.skipif(not HONOURED, reason=NOT_WIRED)
