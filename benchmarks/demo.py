@@ -17,10 +17,11 @@ from typing import Any
 from benchmarks import engine as eng
 from benchmarks.datasets import chat_prompts
 from benchmarks.models import DEFAULT_MODEL, MODELS
-from benchmarks.run import BASELINE, BUILTIN_METHODS, Method, measure, summarize
+from benchmarks.run import BASELINE, Method, measure, summarize
 
 DEMO_SETS = ("mtbench", "humaneval", "gsm8k", "summarization")
-LOOKAHEAD = Method("lookahead", BUILTIN_METHODS["lookahead"])
+# The plugin's own defaults, K included.
+LOOKAHEAD = Method("lookahead", {"method": "lookahead"})
 _PREVIEW_CHARS = 70
 
 
@@ -71,15 +72,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = eng.resolve_model(args.model)
     tokenizer = eng.load_tokenizer(model)
     named = demo_prompts(tokenizer, args.num_prompts)
-    prompts = {"demo": [p for _, p in named]}
+    prompts = [p for _, p in named]
+    plan = {"demo": {1: prompts}}
     cfg = eng.EngineConfig(model=model, dtype="float32", max_num_seqs=1, seed=0,
-                           max_model_len=eng.model_len_for(prompts["demo"], tokenizer,
-                                                           args.max_tokens),
+                           max_model_len=eng.model_len_for(prompts, tokenizer, args.max_tokens),
                            enforce_eager=True)
     params = eng.greedy(args.max_tokens, seed=0)
     # One engine after the other, each measured alone on the machine.
-    (base,), _ = measure(Method(BASELINE, None), cfg, prompts, [1], params, tokenizer)
-    (ours,), _ = measure(LOOKAHEAD, cfg, prompts, [1], params, tokenizer)
+    (base,), _ = measure(Method(BASELINE, None), cfg, plan, params, tokenizer)
+    (ours,), _ = measure(LOOKAHEAD, cfg, plan, params, tokenizer)
 
     print(f"\n=== {args.model}, float32, greedy, one request at a time, "
           f"at most {args.max_tokens} tokens")

