@@ -62,8 +62,8 @@ def test_drafts_are_accepted_and_the_trajectory_is_used(lookahead_llm, prompts):
     assert stats["resyncs"] == 0
     # n-grams first seen in the Jacobi trajectory were proposed, and some were right
     assert stats["trajectory_ngrams"] > 0
-    assert stats["drafted_by_source"]["candidate_trajectory"] > 0
-    assert stats["accepted_by_source"]["candidate_trajectory"] > 0
+    assert stats["drafted_by_source"]["trajectory"] > 0
+    assert stats["accepted_by_source"]["trajectory"] > 0
     # every finished request's state was freed
     assert stats["live_requests"] == 0
 

@@ -8,7 +8,8 @@ Mapping to the reference implementation (LADE, Fu et al. 2024):
     pool_from_prompt   POOL_FROM_PROMPT seed the pool with the prompt's n-grams
     max_key_len        (new)           longest context used to look a candidate up
     seed               (new)           seeds the random prompt tokens that pad the window
-    adaptive           (new)           per-request chain length that follows acceptance
+    adaptive           (new)           cut chains where verifying a token no longer pays
+    shared_pool_tokens (new)           finished requests' text kept to draft later requests
 
 vLLM verifies one linear chain per request, so the chain for a step is the best pool candidate
 (≤ N-1 tokens) followed by Jacobi guesses; K = num_speculative_tokens = N-1+W by default.
@@ -44,10 +45,13 @@ class LookaheadConfig:
     max_key_len: int = 2
     seed: int = 0
     adaptive: bool | None = None
-    """Follow each request's acceptance with its chain length: after a rejection at position a the
-    next chain has a+1 tokens, after a fully accepted chain twice as many (up to K). None: on
-    where every verified token costs compute (CPU), off on GPUs, where verifying K tokens costs
-    about as much as verifying one."""
+    """Cut each chain where the estimated probability of reaching and accepting the next token no
+    longer pays for verifying it (online acceptance and step-cost models, over the whole batch).
+    Off: every chain is K tokens, uniform, which keeps CUDA graphs whole. None: on where every
+    verified token costs compute (CPU), off on GPUs."""
+    shared_pool_tokens: int = 65536
+    """Tokens of finished requests' outputs kept per engine for drafting later requests (the
+    cross-request corpus); 0 turns sharing off."""
 
     def __post_init__(self) -> None:
         _check_int("ngram_size", self.ngram_size, 2, 16)
@@ -55,6 +59,7 @@ class LookaheadConfig:
         _check_int("guess_set_size", self.guess_set_size, 1, 1024)
         _check_int("max_key_len", self.max_key_len, 1, 8)
         _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_int("shared_pool_tokens", self.shared_pool_tokens, 0, 2**31 - 1)
         _check_bool("pool_from_prompt", self.pool_from_prompt)
         if self.adaptive is not None:
             _check_bool("adaptive", self.adaptive, "or null (auto)")

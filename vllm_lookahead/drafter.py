@@ -1,36 +1,54 @@
 """The drafter: everything lookahead does per step that needs no vLLM, testable with plain arrays.
 
-Per request it keeps a Jacobi window and an n-gram pool, keyed by request id; per step it takes the
-committed tokens and the verified chains with the target's predictions (`StepTrajectory`), updates
-the state and composes the next chains.
+Per request (keyed by request id) it keeps the request's text indexed for longest-suffix matches,
+the Jacobi window and the pool of trajectory n-grams; per engine, the acceptance model, the step
+cost model and the corpora shared across requests. Each step it takes the committed tokens and the
+verified chains with the target's predictions (`StepTrajectory`), learns from them, and composes
+the next chains:
+
+1. **Candidates, token by token.** At each chain position the sources bid: the request's own
+   text (prompt and output) and the shared corpus, each with the token after the longest earlier
+   occurrence of the context's end; the trajectory pool, with every continuation stored under the
+   context's last tokens (up to G per key). Each bid is priced by the acceptance model from its
+   evidence, and the likeliest wins; a pool n-gram is taken whole, since its tokens were predicted
+   one after another.
+2. **Jacobi guesses** then fill the positions for which no source bids, and seeded prompt tokens
+   (LADE's window start) the rest, up to K.
+3. **The cut.** With `adaptive` on (the CPU default), the batch keeps only the draft tokens whose
+   probability of being reached and accepted pays for verifying them (`estimator.cut_chains`).
+   Off (GPUs), every chain is K tokens, so that CUDA graphs cover the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
+from vllm_lookahead.context_index import ContextIndex, SharedCorpus
+from vllm_lookahead.estimator import (
+    FILL_FEATURE,
+    AcceptanceModel,
+    CostModel,
+    Source,
+    copy_feature,
+    cut_chains,
+    jacobi_feature,
+    pool_feature,
+)
 from vllm_lookahead.jacobi_window import JacobiWindow
-from vllm_lookahead.ngram_cache import NGramPool, Origin
+from vllm_lookahead.ngram_cache import NGramPool
 from vllm_lookahead.trajectory import StepTrajectory
 
 _SWEEP_EVERY_STEPS = 256
+CPU_STEP_COST_PRIOR = (0.04, 0.008, 0.003)
+"""Seconds per step, per row and per verified token: a small model on a few CPU cores. Only a
+starting point; the cost model follows what the steps actually take."""
 
-
-class Source(enum.IntEnum):
-    """What filled a stretch of the chain; acceptance is counted per source."""
-
-    CANDIDATE_PROMPT = Origin.PROMPT
-    CANDIDATE_OUTPUT = Origin.OUTPUT
-    CANDIDATE_TRAJECTORY = Origin.TRAJECTORY
-    JACOBI = 3
-    CHAINED = 4
-    FILL = 5
+__all__ = ["LookaheadDrafter", "RequestInfo", "RequestSource", "Source"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +59,11 @@ class RequestInfo:
     stop_token_ids: frozenset[int]
     options: RequestOptions = dataclasses.field(default_factory=RequestOptions)
     """The request's lookahead options (`extra_args`), validated in the front-end."""
+    greedy: bool = True
+    """Decoded greedily; sampled requests accept less, so their acceptance is learned apart."""
+    prompt_mask: np.ndarray | None = None
+    """True where a prompt position holds a real token id (False for positions filled from
+    `prompt_embeds` or multimodal placeholders); None: every position does."""
 
 
 class RequestSource(Protocol):
@@ -54,6 +77,8 @@ class LookaheadStats:
     steps: int = 0
     chains: int = 0
     draft_tokens: int = 0
+    cut_tokens: int = 0
+    """Candidate tokens the cost rule left out."""
     verified_chains: int = 0
     verified_tokens: int = 0
     accepted_tokens: int = 0
@@ -65,99 +90,173 @@ class LookaheadStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["drafted_by_source"] = dict(zip([s.name.lower() for s in Source],
-                                          self.drafted_by_source, strict=True))
-        d["accepted_by_source"] = dict(zip([s.name.lower() for s in Source],
-                                           self.accepted_by_source, strict=True))
+        names = [s.name.lower() for s in Source]
+        d["drafted_by_source"] = dict(zip(names, self.drafted_by_source, strict=True))
+        d["accepted_by_source"] = dict(zip(names, self.accepted_by_source, strict=True))
         return d
 
 
+@dataclasses.dataclass
+class Chain:
+    """A chain being composed: tokens with, per token, its source, its acceptance feature and the
+    probability that the chain is accepted up to and including it."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    sources: list[Source] = dataclasses.field(default_factory=list)
+    features: list[int] = dataclasses.field(default_factory=list)
+    reach: list[float] = dataclasses.field(default_factory=list)
+
+    def push(self, token: int, source: Source, feature: int, p: float) -> None:
+        self.reach.append((self.reach[-1] if self.reach else 1.0) * p)
+        self.tokens.append(token)
+        self.sources.append(source)
+        self.features.append(feature)
+
+    def cut(self, n: int) -> None:
+        del self.tokens[n:], self.sources[n:], self.features[n:], self.reach[n:]
+
+
 class RequestState:
-    def __init__(self, cfg: LookaheadConfig, info: RequestInfo, prompt: np.ndarray,
-                 chain_len: int) -> None:
+    def __init__(self, cfg: LookaheadConfig, info: RequestInfo, prompt: list[int],
+                 fill: np.ndarray, budget: int, acceptance: AcceptanceModel) -> None:
         self.owner = info.owner
+        self.num_prompt_tokens = info.num_prompt_tokens
+        self.budget = budget
+        self.acceptance = acceptance
+        self.namespace = info.options.namespace
+        self.share = info.options.share and cfg.shared_pool_tokens > 0
+        self.prompt = prompt
+        """The prompt as drafts may copy it: -1 where there is no real token (or nothing, when
+        `pool_from_prompt` is off)."""
+        self.text = ContextIndex()
         self.pool = NGramPool(cfg.ngram_size, cfg.guess_set_size, cfg.max_key_len)
-        self.window = JacobiWindow(cfg.ngram_size, cfg.max_key_len, cfg.seed, prompt,
+        self.window = JacobiWindow(cfg.ngram_size, cfg.max_key_len, cfg.seed, fill,
                                    info.stop_token_ids)
         self.num_committed = -1
         self.last_token = -1
-        self.layout: list[tuple[int, Source]] = []
-        self.chain_len = chain_len
+        self.issued = Chain()
 
 
 class LookaheadDrafter:
-    """Everything the proposer does that needs no vLLM: testable with plain arrays."""
-
-    def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int,
-                 max_model_len: int, adaptive: bool = False) -> None:
+    def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
+                 adaptive: bool = False,
+                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
         self.cfg = cfg
         self.k = num_speculative_tokens
         self.adaptive = adaptive
         self.max_model_len = max_model_len
         self.states: dict[str, RequestState] = {}
         self.stats = LookaheadStats()
+        # Sampled requests accept a draft with the target's probability of it, not its argmax:
+        # they learn their own acceptance.
+        self.acceptance = {True: AcceptanceModel(), False: AcceptanceModel()}
+        self.cost = CostModel(step_cost_prior)
+        self.shared = SharedCorpus(cfg.shared_pool_tokens)
 
     def draft_batch(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
                     num_tokens: np.ndarray, token_ids: np.ndarray,
-                    trajectory: StepTrajectory | None,
-                    requests: RequestSource) -> list[list[int]]:
+                    trajectory: StepTrajectory | None, requests: RequestSource,
+                    step_seconds: float | None = None) -> list[list[int]]:
+        """The next chain of every row. `step_seconds`, the wall time of the step just verified,
+        teaches the cost model."""
         self.stats.steps += 1
-        drafts: list[list[int]] = []
+        chains: list[Chain | None] = []
+        admitted = False
+        verified = 0
         for row, req_id in enumerate(req_ids):
             if not sampled[row]:
                 # A partial prefill chunk or a discarded sample: nothing was committed.
-                drafts.append([])
+                chains.append(None)
                 continue
-            state = self._state_for(row, req_id, token_ids[row], requests)
+            state = self.states.get(req_id)
+            if state is None or requests.owner(req_id) is not state.owner:
+                state = self._admit(row, req_id, token_ids[row], requests)
+                admitted = True
             length = int(num_tokens[row])
             traj_row = trajectory.row(req_id) if trajectory is not None else None
-            self._sync(state, token_ids[row], length, len(sampled[row]), traj_row)
-            drafts.append(self._compose(state, token_ids[row], length).tolist())
+            verified += self._sync(state, token_ids[row], length, len(sampled[row]), traj_row)
+            chains.append(self._compose(state, token_ids[row], length))
+        rows = sum(1 for c in chains if c is not None)
+        if step_seconds is not None and rows == len(req_ids) and not admitted:
+            # Only steps that verified nothing but these chains: a prefill would skew the fit.
+            self.cost.observe(rows, rows + verified, step_seconds)
+        self._cut([c for c in chains if c is not None])
+        drafts = []
+        for req_id, chain in zip(req_ids, chains, strict=True):
+            if chain is None:
+                drafts.append([])
+                continue
+            self._issue(self.states[req_id], chain)
+            drafts.append(chain.tokens)
         if self.stats.steps % _SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
         return drafts
 
     def remove(self, req_id: str) -> None:
-        self.states.pop(req_id, None)
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self._share(state)
 
-    def _state_for(self, row: int, req_id: str, tokens: np.ndarray,
-                   requests: RequestSource) -> RequestState:
-        state = self.states.get(req_id)
-        if state is None or requests.owner(req_id) is not state.owner:
-            info = requests.info(row, req_id)
-            state = RequestState(self.cfg, info, tokens[:info.num_prompt_tokens], self.k)
-            if self.cfg.pool_from_prompt:
-                state.pool.add_sequence(tokens[:info.num_prompt_tokens], 0, Origin.PROMPT)
-            state.num_committed = info.num_prompt_tokens
-            state.last_token = int(tokens[info.num_prompt_tokens - 1])
-            self.states[req_id] = state
+    def _share(self, state: RequestState) -> None:
+        """A finished request's output joins its namespace's shared corpus."""
+        if state.share:
+            self.shared.add(state.namespace, state.text.tokens[state.num_prompt_tokens:])
+
+    def _admit(self, row: int, req_id: str, tokens: np.ndarray,
+               requests: RequestSource) -> RequestState:
+        old = self.states.pop(req_id, None)
+        if old is not None:
+            self._share(old)
+        info = requests.info(row, req_id)
+        prompt = tokens[:info.num_prompt_tokens].tolist()
+        if info.prompt_mask is not None:
+            prompt = [t if real else -1 for t, real in zip(prompt, info.prompt_mask, strict=True)]
+        # The Jacobi window starts from real prompt tokens (LADE's padding), whatever the pool.
+        fill = np.array([t for t in prompt if t >= 0], dtype=np.int64)
+        if not self.cfg.pool_from_prompt:
+            # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
+            prompt = [-1] * len(prompt)
+        state = RequestState(self.cfg, info, prompt, fill, info.options.chain_budget(self.k),
+                             self.acceptance[info.greedy])
+        state.text.extend(prompt)
+        state.num_committed = info.num_prompt_tokens
+        state.last_token = int(tokens[info.num_prompt_tokens - 1])
+        self.states[req_id] = state
         return state
 
     def _sync(self, state: RequestState, tokens: np.ndarray, length: int, num_sampled: int,
-              traj_row: tuple[int, np.ndarray, np.ndarray] | None) -> None:
-        """Bring the state to `length` committed tokens; `tokens` is the source of truth."""
+              traj_row: tuple[int, np.ndarray, np.ndarray] | None) -> int:
+        """Bring the state to `length` committed tokens (`tokens` is the source of truth) and
+        learn from the chain verified this step; returns the drafts that were verified."""
         prev = state.num_committed
+        verified = 0
         if length < prev or int(tokens[prev - 1]) != state.last_token:
             # vLLM discarded output (rollback); the guesses refer to tokens that are gone.
             self.stats.resyncs += 1
             state.window.reset()
-            prev = min(prev, length)
-        elif traj_row is not None and self._is_this_step(tokens, prev, length, num_sampled,
-                                                         traj_row):
-            base, drafts, argmax = traj_row
-            accepted = num_sampled - 1
-            self._count_acceptance(state, len(drafts), accepted)
-            self._adapt_chain_len(state, len(drafts), accepted)
-            harvest = state.window.observe(tokens, base, drafts, argmax, accepted)
-            state.pool.add(harvest.seq, harvest.starts, harvest.conts, Origin.TRAJECTORY)
-            self.stats.trajectory_ngrams += len(harvest.starts)
-        elif length != prev + num_sampled:
-            self.stats.resyncs += 1  # steps were skipped; the committed tokens fill the gap
-        lo = max(0, prev - self.cfg.ngram_size + 1 - (self.cfg.max_key_len - 1))
-        state.pool.add_sequence(tokens[lo:length], prev - self.cfg.ngram_size + 1 - lo,
-                                Origin.OUTPUT)
+            self._rebuild_text(state, tokens, length)
+        else:
+            if traj_row is not None and self._is_this_step(tokens, prev, length, num_sampled,
+                                                           traj_row):
+                base, drafts, argmax = traj_row
+                verified = len(drafts)
+                self._learn(state, verified, num_sampled - 1)
+                harvest = state.window.observe(tokens, base, drafts, argmax, num_sampled - 1)
+                state.pool.add(harvest.seq, harvest.starts, harvest.conts)
+                self.stats.trajectory_ngrams += len(harvest.starts)
+            elif length != prev + num_sampled:
+                self.stats.resyncs += 1  # steps were skipped; the committed tokens fill the gap
+            state.text.extend(tokens[prev:length].tolist())
+        state.issued = Chain()
         state.num_committed = length
         state.last_token = int(tokens[length - 1])
+        return verified
+
+    @staticmethod
+    def _rebuild_text(state: RequestState, tokens: np.ndarray, length: int) -> None:
+        state.text = ContextIndex()
+        state.text.extend(state.prompt[:length])
+        state.text.extend(tokens[len(state.text):length].tolist())
 
     @staticmethod
     def _is_this_step(tokens: np.ndarray, prev: int, length: int, num_sampled: int,
@@ -167,65 +266,95 @@ class LookaheadDrafter:
         return (base == prev and length == base + num_sampled and accepted <= len(drafts)
                 and np.array_equal(tokens[base:base + accepted], drafts[:accepted]))
 
-    def _count_acceptance(self, state: RequestState, num_verified: int, accepted: int) -> None:
+    def _learn(self, state: RequestState, verified: int, accepted: int) -> None:
+        issued = state.issued
         self.stats.verified_chains += 1
-        self.stats.verified_tokens += num_verified
+        self.stats.verified_tokens += verified
         self.stats.accepted_tokens += accepted
-        remaining = accepted
-        for size, source in state.layout:
-            take = min(size, remaining)
-            self.stats.accepted_by_source[source] += take
-            remaining -= take
-            if remaining == 0:
-                break
+        for source in issued.sources[:accepted]:
+            self.stats.accepted_by_source[source] += 1
+        state.acceptance.observe(issued.features[:verified], accepted)
 
-    def _adapt_chain_len(self, state: RequestState, num_verified: int, accepted: int) -> None:
+    def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> Chain:
+        """The longest chain worth considering (`_cut` shortens it): source bids token by token,
+        then Jacobi guesses, then seeded prompt tokens; at most K tokens and never past
+        max_model_len."""
+        budget = min(state.budget, self.max_model_len - length - 1)
+        chain = Chain()
+        if budget <= 0:
+            return chain
+        context = tokens[max(0, length - self.cfg.max_key_len - 16):length].tolist()
+        guesses = state.window.guesses_from(length).tolist()
+        while len(chain.tokens) < budget and self._bid(state, chain, context, guesses, budget):
+            pass
+        n = len(chain.tokens)
+        for i, guess in enumerate(state.window.issue(length + n, n, budget - n).tolist()):
+            feature = jacobi_feature(i)
+            chain.push(guess, Source.JACOBI, feature, state.acceptance.p(feature))
+        p_fill = state.acceptance.p(FILL_FEATURE)
+        for token in state.window.random_fill(budget - len(chain.tokens)).tolist():
+            chain.push(token, Source.FILL, FILL_FEATURE, p_fill)
+        return chain
+
+    def _bid(self, state: RequestState, chain: Chain, context: list[int], guesses: list[int],
+             budget: int) -> bool:
+        """Append the likeliest next token (or pool n-gram) to the chain; False if no source
+        has one."""
+        p_of = state.acceptance.p
+        best_p, best = 0.0, None
+        corpora = [(state.text, False)]
+        if state.share and (shared_index := self.shared.index(state.namespace)) is not None:
+            corpora.append((shared_index, True))
+        for corpus, shared in corpora:
+            match = corpus.match(context)
+            if match is None:
+                continue
+            nxt = corpus.continuation(match.end, 1)
+            if not nxt or nxt[0] < 0:
+                continue
+            feature = copy_feature(shared, match.length, match.consistent)
+            p = p_of(feature)
+            if p > best_p:
+                source = (Source.SHARED if shared else
+                          Source.PROMPT if match.end + 1 < state.num_prompt_tokens else
+                          Source.OUTPUT)
+                best_p, best = p, ([nxt[0]], [source], [feature], [p])
+        pos = len(chain.tokens)
+        guess = guesses[pos] if pos < len(guesses) else -1
+        for cand in state.pool.candidates(context):
+            toks = cand.tokens[:budget - pos]
+            feats = [pool_feature(cand.key_len, cand.hits, toks[0] == guess, j)
+                     for j in range(len(toks))]
+            probs = [p_of(f) for f in feats]
+            if probs[0] > best_p:
+                best_p, best = probs[0], (list(toks), [Source.TRAJECTORY] * len(toks), feats,
+                                          probs)
+        if best is None:
+            return False
+        for token, source, feature, p in zip(*best, strict=True):
+            chain.push(token, source, feature, p)
+        context.extend(best[0])
+        return True
+
+    def _cut(self, chains: list[Chain]) -> None:
         if not self.adaptive:
             return
-        if accepted < num_verified:
-            state.chain_len = accepted + 1
-        else:
-            state.chain_len = min(self.k, 2 * max(num_verified, 1))
+        keep = cut_chains([c.reach for c in chains], self.cost)
+        for chain, n in zip(chains, keep, strict=True):
+            self.stats.cut_tokens += len(chain.tokens) - n
+            chain.cut(n)
 
-    def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> np.ndarray:
-        """The chain: the best pool candidate for the context, chained candidates for its tail,
-        the Jacobi guesses for the positions after them, then seeded prompt tokens; at most K
-        tokens and never past max_model_len."""
-        budget = min(self.k, state.chain_len, self.max_model_len - length - 1)
-        state.layout = []
-        if budget <= 0:
-            return np.empty(0, dtype=np.int64)
-        keylen = self.cfg.max_key_len
-        tail = tokens[max(0, length - keylen):length].astype(np.int64)
-        parts: list[np.ndarray] = []
-        n = 0
-
-        def push(piece: np.ndarray, source: Source) -> None:
-            nonlocal n
-            piece = piece[:budget - n]
-            if len(piece):
-                parts.append(piece)
-                state.layout.append((len(piece), source))
-                n += len(piece)
-
-        # Pool continuations are verified n-grams or the model's own predictions, so they beat
-        # Jacobi guesses, which were made a step ago from a chain that has since been rejected.
-        while n < budget and (hit := state.pool.lookup(tail)) is not None:
-            piece = np.asarray(hit[0], dtype=np.int64)
-            push(piece, Source(hit[1]) if n == 0 else Source.CHAINED)
-            tail = np.concatenate([tail, piece])[-keylen:]
-        push(state.window.issue(length + n, n, budget - n), Source.JACOBI)
-        push(state.window.random_fill(budget - n), Source.FILL)
+    def _issue(self, state: RequestState, chain: Chain) -> None:
+        state.issued = chain
         self.stats.chains += 1
-        self.stats.draft_tokens += n
-        for size, source in state.layout:
-            self.stats.drafted_by_source[source] += size
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        self.stats.draft_tokens += len(chain.tokens)
+        for source in chain.sources:
+            self.stats.drafted_by_source[source] += 1
 
     def _sweep(self, requests: RequestSource) -> None:
         """Free states vLLM no longer knows, for versions without a removal hook."""
         for req_id in [r for r, s in self.states.items() if requests.owner(r) is not s.owner]:
-            del self.states[req_id]
+            self.remove(req_id)
 
     def snapshot(self) -> dict[str, Any]:
         d = self.stats.as_dict()
@@ -235,4 +364,7 @@ class LookaheadDrafter:
         d["live_requests"] = len(self.states)
         d["pool_continuations"] = sum(len(s.pool) for s in self.states.values())
         d["pool_keys"] = sum(s.pool.num_keys for s in self.states.values())
+        d["shared_tokens"] = len(self.shared)
+        d["token_cost_s"] = self.cost.token_cost
+        d["step_cost_fit"] = self.cost.theta.tolist()
         return d

@@ -1,10 +1,13 @@
-"""The n-gram pool: context key → bounded LRU of (N-1)-token continuations.
+"""The n-gram pool of the Jacobi trajectory: context key → up to G continuations with evidence.
 
-An n-gram `t[s], t[s+1], ..., t[s+N-1]` is stored under the keys `t[s-k+1 .. s]` for every key
-length k = 1 .. max_key_len (LADE keys by the first token only, k = 1). Lookup tries the longest
-key that matches the end of the context, then shorter ones, and returns that key's most recently
-refreshed continuation. Each key keeps at most `capacity` continuations (LADE's GUESS_SET_SIZE):
-re-inserting one moves it to the most-recent end, a new one on a full key evicts the oldest.
+An n-gram `t[s], t[s+1], ..., t[s+N-1]` harvested from the trajectory is stored under the keys
+`t[s-k+1 .. s]` for every key length k = 1 .. max_key_len (LADE keys by the first token only,
+k = 1). Each key keeps at most `capacity` continuations (LADE's GUESS_SET_SIZE, G), each with the
+number of times it was harvested: harvesting it again refreshes it and counts a hit; a new one on
+a full key evicts the least recently refreshed. `candidates` returns all of a context's
+continuations, longest key first, so that the drafter can choose among them by their evidence
+(LADE verifies all G in parallel; vLLM verifies one chain, so the choice has to be made before
+verification).
 
 Python dicts keep insertion order, so one dict per key is an O(1) LRU (pop + re-insert to
 refresh, first key to evict). A step adds a handful of n-grams per request, so keys are sliced
@@ -13,9 +16,8 @@ from Python lists: numpy's per-call overhead costs more than it saves at that si
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import sys
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -23,12 +25,12 @@ Key = tuple[int, ...]
 Continuation = tuple[int, ...]
 
 
-class Origin(enum.IntEnum):
-    """Where an n-gram was first seen; kept across refreshes so proposals can be attributed."""
-
-    PROMPT = 0
-    OUTPUT = 1
-    TRAJECTORY = 2
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    key_len: int
+    tokens: Continuation
+    hits: int
+    """How many times this continuation was harvested under this key."""
 
 
 class NGramPool:
@@ -38,7 +40,7 @@ class NGramPool:
         self.cont_len = ngram_size - 1
         self.capacity = capacity
         self.max_key_len = max_key_len
-        self._table: dict[Key, dict[Continuation, Origin]] = {}
+        self._table: dict[Key, dict[Continuation, int]] = {}
         self.num_continuations = 0
 
     def __len__(self) -> int:
@@ -48,42 +50,35 @@ class NGramPool:
     def num_keys(self) -> int:
         return len(self._table)
 
-    def add(self, seq: np.ndarray, starts: np.ndarray, conts: np.ndarray, origin: Origin) -> None:
+    def add(self, seq: np.ndarray, starts: np.ndarray, conts: np.ndarray) -> None:
         """Insert continuation `conts[i]` under every key of `seq` that ends at `starts[i]`; keys
         that reach before the start of `seq` or hold a negative (missing) token are skipped."""
-        if len(starts):
-            self._add(seq.tolist(), starts.tolist(), map(tuple, conts.tolist()), origin)
-
-    def add_sequence(self, seq: np.ndarray, first_start: int, origin: Origin) -> None:
-        """Insert every n-gram of `seq` that starts at index `first_start` or later."""
-        n = self.cont_len + 1
-        first_start = max(first_start, 0)
-        starts = range(first_start, len(seq) - n + 1)
-        if starts:
-            tokens = seq.tolist()
-            self._add(tokens, starts, (tuple(tokens[s + 1:s + n]) for s in starts), origin)
-
-    def _add(self, tokens: list[int], starts: Iterable[int], conts: Iterable[Continuation],
-             origin: Origin) -> None:
+        if not len(starts):
+            return
+        tokens = seq.tolist()
         insert = self._insert
-        for start, cont in zip(starts, conts, strict=True):
+        for start, cont in zip(starts.tolist(), map(tuple, conts.tolist()), strict=True):
             for k in range(1, min(self.max_key_len, start + 1) + 1):
                 key = tuple(tokens[start - k + 1:start + 1])
                 # Each longer key adds one token in front; once that one is missing, so are all
                 # longer keys.
                 if key[0] < 0:
                     break
-                insert(key, cont, origin)
+                insert(key, cont)
 
-    def lookup(self, context: np.ndarray) -> tuple[Continuation, Origin] | None:
-        """The most recent continuation under the longest key that ends the context."""
-        tail = context[-self.max_key_len:].tolist()
-        for k in range(len(tail), 0, -1):
-            bucket = self._table.get(tuple(tail[-k:]))
+    def candidates(self, context: list[int]) -> list[Candidate]:
+        """Every continuation stored under a key that ends the context, longest key first and,
+        within a key, most recently refreshed first."""
+        out: list[Candidate] = []
+        for k in range(min(self.max_key_len, len(context)), 0, -1):
+            bucket = self._table.get(tuple(context[-k:]))
             if bucket:
-                cont = next(reversed(bucket))
-                return cont, bucket[cont]
-        return None
+                out.extend(Candidate(k, cont, hits) for cont, hits in reversed(bucket.items()))
+        return out
+
+    def continuations(self, key: Key) -> list[Continuation]:
+        """Continuations stored under `key`, least recently refreshed first."""
+        return list(self._table.get(key, ()))
 
     def nbytes(self) -> int:
         """Approximate memory held: the table, its buckets, keys, continuations and the int
@@ -96,20 +91,16 @@ class NGramPool:
                 total += sys.getsizeof(cont) + sum(sys.getsizeof(t) for t in cont)
         return total
 
-    def continuations(self, key: Key) -> list[Continuation]:
-        """Continuations stored under `key`, oldest first."""
-        return list(self._table.get(key, ()))
-
-    def _insert(self, key: Key, cont: Continuation, origin: Origin) -> None:
+    def _insert(self, key: Key, cont: Continuation) -> None:
         bucket = self._table.get(key)
         if bucket is None:
-            self._table[key] = {cont: origin}
+            self._table[key] = {cont: 1}
             self.num_continuations += 1
             return
-        first_origin = bucket.pop(cont, None)
-        if first_origin is None:
+        hits = bucket.pop(cont, 0)
+        if hits == 0:
             if len(bucket) >= self.capacity:
                 del bucket[next(iter(bucket))]
             else:
                 self.num_continuations += 1
-        bucket[cont] = origin if first_origin is None else first_origin
+        bucket[cont] = hits + 1

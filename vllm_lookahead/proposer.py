@@ -45,6 +45,7 @@ class LookaheadProposer:
                                         vllm_config.model_config.max_model_len, adaptive)
         self._runner: weakref.ReferenceType[Any] | None = None
         self._trajectory: StepTrajectory | None = None
+        self._last_propose: float | None = None
         # Statistics export (vllm_lookahead.metrics): only the engine's reporting worker writes.
         self.chain_lengths = metrics.ChainLengths(spec.num_speculative_tokens)
         self.stats_writer = vllm_compat.stats_writer(vllm_config)
@@ -79,9 +80,13 @@ class LookaheadProposer:
                 "vllm-lookahead: propose() was called before the runner hook bound the proposer; "
                 "the hooks in vllm_lookahead.vllm_compat did not run on this vLLM build")
         trajectory, self._trajectory = self._trajectory, None
+        # From one propose to the next is one engine step: what the cost model learns from.
+        step_seconds = start - self._last_propose if self._last_propose is not None else None
+        self._last_propose = start
         drafts = self.drafter.draft_batch(
             vllm_compat.batch_req_ids(runner, len(sampled_token_ids)), sampled_token_ids,
-            num_tokens_no_spec, token_ids_cpu, trajectory, vllm_compat.RunnerRequests(runner))
+            num_tokens_no_spec, token_ids_cpu, trajectory, vllm_compat.RunnerRequests(runner),
+            step_seconds)
         self.drafter.stats.propose_seconds += time.perf_counter() - start
         self.chain_lengths.observe(drafts)
         self.stats_writer.after_step(self.snapshot)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.drafter import LookaheadDrafter, RequestInfo
 from vllm_lookahead.trajectory import StepTrajectory
 
@@ -20,18 +20,23 @@ class Requests:
     """The engine's live requests, as the drafter asks for them (`RequestSource`)."""
 
     def __init__(self) -> None:
-        self.owners: dict[str, object] = {}
-        self.prompt_lens: dict[str, int] = {}
+        self._infos: dict[str, RequestInfo] = {}
 
-    def add(self, rid: str, prompt_len: int) -> None:
-        self.owners[rid] = object()
-        self.prompt_lens[rid] = prompt_len
+    def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
+            prompt_mask: Sequence[bool] | None = None, greedy: bool = True) -> None:
+        mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
+        self._infos[rid] = RequestInfo(object(), prompt_len, frozenset(),
+                                       options or RequestOptions(), greedy, mask)
+
+    def remove(self, rid: str) -> None:
+        del self._infos[rid]
 
     def owner(self, rid: str) -> object | None:
-        return self.owners.get(rid)
+        info = self._infos.get(rid)
+        return None if info is None else info.owner
 
     def info(self, row: int, rid: str) -> RequestInfo:
-        return RequestInfo(self.owners[rid], self.prompt_lens[rid], frozenset())
+        return self._infos[rid]
 
 
 class SimulatedEngine:
@@ -47,11 +52,23 @@ class SimulatedEngine:
         self.rng = random.Random(seed)
         self.tokens: dict[str, list[int]] = {}
         self.drafts: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            rid = f"req-{i}"
-            self.requests.add(rid, len(p))
-            self.tokens[rid] = list(p)
-            self.drafts[rid] = []
+        for p in prompts:
+            self.add(p)
+
+    def add(self, prompt: Sequence[int], options: RequestOptions | None = None,
+            prompt_mask: Sequence[bool] | None = None) -> str:
+        """A new request `req-<n>`; it joins the batch at the next `run`."""
+        rid = f"req-{len(self.tokens)}"
+        self.requests.add(rid, len(prompt), options, prompt_mask)
+        self.tokens[rid] = list(prompt)
+        self.drafts[rid] = []
+        return rid
+
+    def finish(self, rid: str) -> None:
+        """The request ends, as vLLM removes it: the drafter frees (and may share) its state."""
+        self.requests.remove(rid)
+        self.drafter.remove(rid)
+        self.drafts[rid] = []
 
     def step(self, rids: list[str], propose: bool = True) -> None:
         """Verify each request's drafts greedily, commit, then ask for new drafts."""
@@ -84,8 +101,8 @@ class SimulatedEngine:
             self.drafts[rid] = d
 
     def run(self, new_tokens: int) -> int:
-        """Decode until every request has `new_tokens` more tokens; returns the steps taken."""
-        rids = list(self.tokens)
+        """Decode until every live request has `new_tokens` more tokens; returns the steps."""
+        rids = [r for r in self.tokens if self.requests.owner(r) is not None]
         start = {r: len(self.tokens[r]) for r in rids}
         steps = 0
         while any(len(self.tokens[r]) - start[r] < new_tokens for r in rids):

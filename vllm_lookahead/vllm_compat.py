@@ -261,7 +261,14 @@ class RunnerRequests:
         return RequestInfo(owner=owner,
                            num_prompt_tokens=int(self._runner.input_batch.num_prompt_tokens[row]),
                            stop_token_ids=frozenset(int(t) for t in stops),
-                           options=request_options(req_id, params))
+                           options=request_options(req_id, params),
+                           greedy=_is_greedy(params))
+
+
+def _is_greedy(params: Any) -> bool:
+    """vLLM's own test: `SamplingParams.sampling_type` (pooling requests have none)."""
+    sampling_type = getattr(params, "sampling_type", None)
+    return sampling_type is None or getattr(sampling_type, "name", "") == "GREEDY"
 
 
 def request_options(req_id: str, params: Any) -> RequestOptions:

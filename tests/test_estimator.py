@@ -1,0 +1,99 @@
+import random
+
+import pytest
+
+from vllm_lookahead.estimator import (
+    FILL_FEATURE,
+    NUM_FEATURES,
+    AcceptanceModel,
+    CostModel,
+    copy_feature,
+    cut_chains,
+    jacobi_feature,
+    pool_feature,
+)
+
+
+def test_features_are_distinct_and_in_range():
+    features = {FILL_FEATURE}
+    features |= {copy_feature(s, m, c) for s in (False, True) for m in (1, 2, 3, 4, 6, 8, 12, 16,
+                                                                          24, 32) for c in (0, 1)}
+    features |= {pool_feature(k, h, a, o) for k in (1, 2) for h in (1, 2, 3) for a in (0, 1)
+                 for o in (0, 1, 2)}
+    features |= {jacobi_feature(o) for o in range(4)}
+    assert len(features) == NUM_FEATURES
+    assert features == set(range(NUM_FEATURES))
+
+
+def test_acceptance_converges_to_the_observed_rate():
+    model = AcceptanceModel(prior_weight=4.0, half_life=0)
+    f, g = copy_feature(False, 4, True), pool_feature(1, 1, False, 0)
+    rng = random.Random(0)
+    for _ in range(4000):
+        # f is accepted 80 % of the time; g, placed after it, 30 % of the time.
+        a = 0 if rng.random() > 0.8 else (1 if rng.random() > 0.3 else 2)
+        model.observe([f, g], a)
+    assert model.p(f) == pytest.approx(0.8, abs=0.03)
+    assert model.p(g) == pytest.approx(0.3, abs=0.04)
+
+
+def test_positions_after_the_first_rejection_teach_nothing():
+    model = AcceptanceModel()
+    f = jacobi_feature(2)
+    before = model.p(f)
+    for _ in range(100):
+        model.observe([copy_feature(False, 1, False), f], 0)
+    assert model.p(f) == before
+
+
+def test_recent_outcomes_outweigh_old_ones():
+    model = AcceptanceModel(prior_weight=4.0, half_life=200)
+    f = copy_feature(True, 8, True)
+    for _ in range(2000):
+        model.observe([f], 1)
+    for _ in range(2000):
+        model.observe([f], 0)
+    assert model.p(f) < 0.1
+
+
+def test_cost_model_recovers_a_linear_step_cost():
+    cost = CostModel((0.01, 0.01, 0.01), half_life=1000)
+    rng = random.Random(1)
+    for _ in range(3000):
+        rows = rng.randint(1, 16)
+        tokens = rows + rng.randint(0, 8 * rows)
+        cost.observe(rows, tokens, 0.050 + 0.004 * rows + 0.002 * tokens + rng.gauss(0, 1e-3))
+    assert cost.token_cost == pytest.approx(0.002, rel=0.1)
+    assert cost.predict(4, 20) == pytest.approx(0.050 + 0.016 + 0.040, rel=0.05)
+
+
+def test_cost_model_is_not_thrown_by_noise_and_pauses():
+    """Constant rows and tokens (nothing to tell a from c) on a machine with noisy step times and
+    occasional long pauses: the fit stays near the prior shape, scaled to the step time."""
+    cost = CostModel((0.04, 0.008, 0.003))
+    rng = random.Random(2)
+    for i in range(2000):
+        seconds = 0.2 * rng.uniform(0.5, 2.0) * (20 if i % 97 == 0 else 1)
+        cost.observe(1, 9, seconds)
+    assert 0.0 < cost.token_cost < 0.2 * 0.2
+    assert cost.predict(1, 9) == pytest.approx(0.2 * 1.25, rel=0.4)
+
+
+def test_cut_keeps_what_pays_and_less_as_the_batch_grows():
+    cost = CostModel((0.050, 0.010, 0.003))
+    chain = [0.9, 0.6, 0.3, 0.1, 0.04, 0.01]
+    # One request: a token pays if q > 0.003 * N / T, with N expected tokens in T seconds:
+    # 0.9, 0.6 and 0.3 do (N = 2.8 in 72 ms then), 0.1 does not (0.1 < 0.003 * 2.8 / 0.072).
+    assert cut_chains([chain], cost) == [3]
+    many = cut_chains([chain] * 32, cost)
+    assert len(set(many)) <= 2  # equal chains are cut (almost) equally
+    assert max(many) < 3
+    assert cut_chains([[0.01] * 8] * 64, cost) == [0] * 64  # nothing pays: drafting off
+
+
+def test_cut_keeps_prefixes():
+    cost = CostModel((0.05, 0.01, 0.003))
+    chains = [[0.95, 0.9, 0.5, 0.2], [0.5, 0.45, 0.05], [], [0.99] * 8]
+    keep = cut_chains(chains, cost)
+    assert all(0 <= k <= len(c) for k, c in zip(keep, chains, strict=True))
+    assert keep[3] == 8 and keep[2] == 0

@@ -1,0 +1,223 @@
+"""How likely a draft token is to be accepted, and whether verifying it pays.
+
+`AcceptanceModel` estimates, for a draft token described by a small integer *feature* (its source
+and the evidence behind it: match length, how often and how consistently that context continued,
+its position in a pool n-gram...), the probability that the target accepts it given that every
+token before it in the chain was accepted. The estimate is learned online from verification
+outcomes (accepted: counts for the feature; first rejected: counts against; later positions: not
+observed), starting from a prior per source, with old outcomes decaying so that a change of
+workload is followed. Learning it online, rather than fixing weights, is what keeps the drafter
+honest on prompt kinds nobody tuned it for.
+
+`CostModel` learns what a step costs: wall time between steps against the rows and the tokens
+verified, by recursive least squares with forgetting. `cut_chains` then keeps, over the whole
+batch, exactly the draft tokens whose expected acceptance pays for their verification: adding a
+token of cumulative acceptance probability q to a step that emits N tokens in T seconds raises
+throughput iff q > (marginal cost of a token) · N / T; tokens are taken in order of q, so the
+threshold rises as the batch's load grows and drafting stops where nothing pays.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Source(enum.IntEnum):
+    """What proposed a draft token; acceptance is counted per source."""
+
+    PROMPT = 0
+    """Copied from the request's prompt after a match of its context."""
+    OUTPUT = 1
+    """Copied from the request's own output so far."""
+    SHARED = 2
+    """Copied from earlier requests' outputs (the cross-request corpus)."""
+    TRAJECTORY = 3
+    """An n-gram of the Jacobi trajectory (the target's own predictions) from the pool."""
+    JACOBI = 4
+    """The current Jacobi guess for that position."""
+    FILL = 5
+    """Prompt tokens drawn by a seeded generator: the Jacobi starting point."""
+
+
+# Features: ranges of integers, one range per kind of evidence.
+MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+"""Effective match length (the matched context plus the tokens copied since), bucketed."""
+_COPY_KINDS = 3  # own context, shared corpus (prompt and output share a feature)
+_COPY_FEATURES = len(MATCH_BUCKETS) * 2  # x consistent
+POOL_HITS = 3  # 1, 2, 3+ harvests of that continuation
+POOL_OFFSETS = 3  # position inside the n-gram: 0, 1, 2+
+_POOL_FEATURES = 2 * POOL_HITS * 2 * POOL_OFFSETS  # key length 1/2+ x hits x agrees x offset
+JACOBI_OFFSETS = 4
+_BASE_OWN = 0
+_BASE_SHARED = _BASE_OWN + _COPY_FEATURES
+_BASE_POOL = _BASE_SHARED + _COPY_FEATURES
+_BASE_JACOBI = _BASE_POOL + _POOL_FEATURES
+_FILL_FEATURE = _BASE_JACOBI + JACOBI_OFFSETS
+NUM_FEATURES = _FILL_FEATURE + 1
+del _COPY_KINDS
+
+
+def _match_bucket(length: int) -> int:
+    for i, edge in enumerate(MATCH_BUCKETS):
+        if length <= edge:
+            return i
+    return len(MATCH_BUCKETS) - 1
+
+
+def copy_feature(shared: bool, match_len: int, consistent: bool) -> int:
+    base = _BASE_SHARED if shared else _BASE_OWN
+    return base + 2 * _match_bucket(match_len) + int(consistent)
+
+
+def pool_feature(key_len: int, hits: int, agrees: bool, offset: int) -> int:
+    index = ((min(key_len, 2) - 1) * POOL_HITS + min(hits, POOL_HITS) - 1) * 2 + int(agrees)
+    return _BASE_POOL + index * POOL_OFFSETS + min(offset, POOL_OFFSETS - 1)
+
+
+def jacobi_feature(offset: int) -> int:
+    return _BASE_JACOBI + min(offset, JACOBI_OFFSETS - 1)
+
+
+FILL_FEATURE = _FILL_FEATURE
+
+
+def _prior() -> np.ndarray:
+    """Prior acceptance per feature, before anything is observed: long, consistent matches are
+    likely, short ones and pool n-grams less so, Jacobi guesses and padding rarely."""
+    p = np.empty(NUM_FEATURES)
+    for shared in (False, True):
+        for edge in MATCH_BUCKETS:
+            for consistent in (0, 1):
+                base = 0.25 + 0.5 * (1 - math.exp(-edge / 6)) + 0.1 * consistent
+                p[copy_feature(shared, edge, bool(consistent))] = base * (0.8 if shared else 1)
+    for key_len in (1, 2):
+        for hits in range(1, POOL_HITS + 1):
+            for agrees in (False, True):
+                for offset in range(POOL_OFFSETS):
+                    p[pool_feature(key_len, hits, agrees, offset)] = min(
+                        0.9, 0.15 + 0.05 * key_len + 0.05 * hits + 0.1 * agrees + 0.1 * offset)
+    for offset in range(JACOBI_OFFSETS):
+        p[jacobi_feature(offset)] = 0.1
+    p[FILL_FEATURE] = 0.02
+    return p
+
+
+class AcceptanceModel:
+    """P(accepted | the chain before it was accepted) per feature, learned online."""
+
+    def __init__(self, prior_weight: float = 4.0, half_life: int = 20000) -> None:
+        prior = _prior()
+        self.accepted = prior * prior_weight
+        self.seen = np.full(NUM_FEATURES, prior_weight)
+        self._decay = 0.5 ** (1 / half_life) if half_life > 0 else 1.0
+        self._floor = prior_weight
+        self._probs = (self.accepted / self.seen).tolist()
+
+    def p(self, feature: int) -> float:
+        return self._probs[feature]
+
+    def observe(self, features: Sequence[int], accepted: int) -> None:
+        """One verified chain: `features[:accepted]` were accepted, `features[accepted]` (if any)
+        rejected; the positions after it say nothing about their own tokens."""
+        touched = features[:accepted + 1]
+        if not touched:
+            return
+        decay = self._decay ** len(touched)
+        for i, f in enumerate(touched):
+            # Decay only what is touched, lazily: each feature keeps its recent history.
+            self.accepted[f] *= decay
+            self.seen[f] = max(self.seen[f] * decay, self._floor)
+            self.seen[f] += 1.0
+            if i < accepted:
+                self.accepted[f] += 1.0
+            self._probs[f] = float(min(self.accepted[f] / self.seen[f], 0.999))
+
+    def table(self) -> list[float]:
+        return list(self._probs)
+
+
+class CostModel:
+    """Step time ≈ a + b·rows + c·tokens, fitted online; `token_cost` (c) is what one more
+    verified token costs.
+
+    The fit is a ridge regression on exponentially decayed statistics, pulled towards a prior
+    *shape* (the relative sizes of a, b and c) scaled to the observed step times. Steps vary little
+    in rows and tokens, and on a busy machine their times are noisy, so an unregularised fit wanders
+    far (negative costs, a step's worth per token); the prior keeps it sane until the data speak
+    clearly, and the scale keeps the prior meaningful for any model size and device.
+    """
+
+    def __init__(self, prior: tuple[float, float, float], half_life: float = 200.0,
+                 prior_steps: float = 50.0) -> None:
+        self._shape = np.array(prior, dtype=float)
+        self._decay = 0.5 ** (1 / half_life)
+        self._prior_steps = prior_steps
+        self._xx = np.zeros((3, 3))
+        self._xy = np.zeros(3)
+        self._shape_fit = np.zeros(2)  # decayed sums of y·(x·shape) and (x·shape)², for the scale
+        self.theta = self._shape.copy()
+        self.observations = 0
+
+    @property
+    def token_cost(self) -> float:
+        return float(self.theta[2])
+
+    def predict(self, rows: int, tokens: int) -> float:
+        return max(float(self.theta @ (1.0, rows, tokens)), 1e-9)
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        x = np.array([1.0, rows, tokens])
+        # One pause (a client gone quiet, a GC, a busy machine) must not teach the model that
+        # tokens are dear.
+        if self.observations >= 10 and seconds > 3 * self.predict(rows, tokens):
+            return
+        d = self._decay
+        self._xx = d * self._xx + np.outer(x, x)
+        self._xy = d * self._xy + x * seconds
+        shaped = float(x @ self._shape)
+        self._shape_fit = d * self._shape_fit + (seconds * shaped, shaped * shaped)
+        self.observations += 1
+        self._refit()
+
+    def _refit(self) -> None:
+        scale = self._shape_fit[0] / self._shape_fit[1]
+        prior = self._shape * scale
+        # As strong as `prior_steps` typical steps, per parameter.
+        typical = np.sqrt(np.diag(self._xx) / max(self._xx[0, 0], 1e-9))
+        ridge = np.diag(self._prior_steps * typical ** 2 * min(1.0, self._xx[0, 0]))
+        theta = np.linalg.solve(self._xx + ridge, self._xy + ridge @ prior)
+        # Costs are positive, and a verified token costs no more than two rows do by the prior
+        # (a row is a token plus its sampling and bookkeeping).
+        theta = np.maximum(theta, 0.02 * prior)
+        theta[2] = min(theta[2], 2 * (prior[1] + prior[2]))
+        self.theta = theta
+
+
+def cut_chains(probs: Sequence[Sequence[float]], cost: CostModel) -> list[int]:
+    """How many leading draft tokens of each chain to keep.
+
+    `probs[r][i]` is the probability that chain r's first i+1 tokens are all accepted
+    (non-increasing in i). Tokens are taken in decreasing order of that probability while each
+    raises the batch's expected tokens per second, given `cost`; a chain's prefix is kept whole.
+    """
+    rows = len(probs)
+    keep = [0] * rows
+    if rows == 0:
+        return keep
+    tokens = rows  # each row verifies its last token
+    expected = float(rows)
+    order = sorted(((q, r) for r, qs in enumerate(probs) for q in qs), reverse=True)
+    step_cost = cost.predict(rows, tokens)
+    token_cost = cost.token_cost
+    for q, r in order:
+        if q * step_cost <= token_cost * expected:
+            break
+        keep[r] += 1
+        tokens += 1
+        expected += q
+        step_cost += token_cost
+    return keep
