@@ -1,0 +1,145 @@
+"""Tensor parallelism 2 on CPU (vLLM's mp executor: one worker process per rank) with lookahead,
+offline and through the OpenAI server: outputs equal to no speculation, every rank drafts the same
+chains, and statistics are counted once per engine, not once per rank.
+
+Each rank runs its own proposer on the same committed tokens; vLLM uses rank 0's drafts (the
+scheduler sends them to all ranks with the next step), so a rank whose drafts differed would not
+change outputs, only silently keep state that no longer matches what was verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import first_difference, generate_tokens, greedy_params, make_llm, shutdown
+from tests.test_server import GREEDY, free_port, server_command, token_ids, wait_healthy
+from tests.worker_probes import drafts_digest, record_drafts
+from vllm_lookahead.vllm_compat import worker_stats
+
+pytestmark = pytest.mark.engine
+
+SPEC = {"method": "lookahead", "num_speculative_tokens": 6, "lookahead": {"ngram_size": 3}}
+N = 16
+# Counters that must agree between ranks (timings differ).
+COUNTERS = ("steps", "chains", "draft_tokens", "verified_chains", "verified_tokens",
+            "accepted_tokens", "drafted_by_source", "accepted_by_source", "trajectory_ngrams",
+            "resyncs")
+
+
+@pytest.fixture(autouse=True)
+def no_core_pinning(monkeypatch):
+    # Two ranks on two cores: vLLM's automatic binding is meant for one NUMA node per rank.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def rss_mib() -> float:
+    import psutil
+
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+
+
+def test_offline_tp2_outputs_drafts_and_statistics(tiny_model, prompts, baseline):
+    t0 = time.monotonic()
+    llm = make_llm(tiny_model, SPEC, tensor_parallel_size=2, distributed_executor_backend="mp",
+                   max_num_seqs=16, disable_log_stats=False)
+    start_s, rss = time.monotonic() - t0, rss_mib()
+    try:
+        assert llm.collective_rpc(record_drafts) == [True, True]
+        out = generate_tokens(llm, prompts[:N], greedy_params())
+        one_by_one = generate_tokens(llm, prompts[N:N + 4], greedy_params(), one_at_a_time=True)
+        digests = llm.collective_rpc(drafts_digest)
+        stats = llm.collective_rpc(worker_stats)
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
+                   if m.name.startswith("vllm:spec_decode")}
+        from vllm_lookahead import metrics as lookahead_metrics
+
+        per_engine = lookahead_metrics.engine_stats(llm) \
+            if hasattr(lookahead_metrics, "engine_stats") else None
+    finally:
+        shutdown(llm)
+    print(f"[figures] offline TP=2: start_s={start_s:.1f}, rss_mib={rss:.0f}")
+
+    assert first_difference(baseline[:N], out) is None
+    assert first_difference(baseline[N:N + 4], one_by_one) is None
+    # Every rank proposed the same chains, step for step.
+    assert sorted(d["rank"] for d in digests) == [0, 1]
+    assert digests[0]["calls"] > 0
+    assert digests[0]["calls"] == digests[1]["calls"]
+    assert digests[0]["digest"] == digests[1]["digest"]
+    # ... so their counters agree, and vLLM counts the engine's accepted tokens once.
+    assert len(stats) == 2 and all(s is not None for s in stats)
+    assert {k: stats[0][k] for k in COUNTERS} == {k: stats[1][k] for k in COUNTERS}
+    assert stats[0]["accepted_tokens"] > 0
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] == stats[0]["accepted_tokens"]
+    assert metrics["vllm:spec_decode_num_draft_tokens"] == stats[0]["verified_tokens"]
+    if per_engine is not None:  # the package's per-engine export: one engine, one snapshot
+        assert len(per_engine) == 1
+        assert per_engine[0]["accepted_tokens"] == stats[0]["accepted_tokens"]
+
+
+@pytest.fixture(scope="module")
+def tp2_server(tiny_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("tp2-server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(server_command(tiny_model, port, "--tensor-parallel-size", "2",
+                                               "--distributed-executor-backend", "mp",
+                                               "--speculative-config", json.dumps(SPEC)),
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(proc, port)
+        import psutil
+
+        server = psutil.Process(proc.pid)
+        rss = sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
+        print(f"[figures] server TP=2: ready_s={time.monotonic() - t0:.1f}, "
+              f"rss_mib={rss / 2**20:.0f}")
+        yield port
+    except Exception:
+        print(log.read_text()[-5000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_server_tp2_matches_and_reports_once_per_engine(tp2_server, prompts, baseline):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{tp2_server}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+
+    def complete(prompt):
+        resp = client.completions.create(model=model, prompt=prompt, max_tokens=48,
+                                         temperature=0, extra_body=GREEDY)
+        return token_ids(resp.choices[0])
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(complete, prompts[:8]))
+    assert first_difference(baseline[:8], out) is None
+    stream = client.completions.create(model=model, prompt=prompts[4], max_tokens=48,
+                                       temperature=0, stream=True, extra_body=GREEDY)
+    assert [t for c in stream for t in token_ids(c.choices[0])] == baseline[4]
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{tp2_server}/metrics") as r:
+        text = r.read().decode()
+    accepted = [line for line in text.splitlines()
+                if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
+    assert len(accepted) == 1 and float(accepted[0].split()[-1]) > 0
+    # The proposer's own metrics, where the package exports them: one engine, not one per rank.
+    engines = set(re.findall(r'^vllm:lookahead_\w+\{[^}]*engine="(\d+)"', text, re.M))
+    assert engines <= {"0"}
