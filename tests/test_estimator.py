@@ -3,31 +3,43 @@ import random
 import pytest
 
 from vllm_lookahead.estimator import (
-    FILL_FEATURE,
+    FILL_PRIMARY,
+    MATCH_BUCKETS,
     NUM_FEATURES,
     AcceptanceModel,
     CostModel,
-    copy_feature,
+    copy_primary,
     cut_chains,
-    jacobi_feature,
-    pool_feature,
+    feature,
+    jacobi_primary,
+    pool_primary,
 )
 
 
+def copy_feature(shared, match_len, consistent, support=0):
+    return feature(copy_primary(shared, match_len, consistent), support)
+
+
 def test_features_are_distinct_and_in_range():
-    features = {FILL_FEATURE}
-    features |= {copy_feature(s, m, c) for s in (False, True) for m in (1, 2, 3, 4, 6, 8, 12, 16,
-                                                                          24, 32) for c in (0, 1)}
-    features |= {pool_feature(k, h, a, o) for k in (1, 2) for h in (1, 2, 3) for a in (0, 1)
-                 for o in (0, 1, 2)}
-    features |= {jacobi_feature(o) for o in range(4)}
-    assert len(features) == NUM_FEATURES
+    primaries = {FILL_PRIMARY}
+    primaries |= {copy_primary(s, m, c) for s in (False, True) for m in MATCH_BUCKETS
+                  for c in (False, True)}
+    primaries |= {pool_primary(k, h, o) for k in (1, 2) for h in (1, 2, 3) for o in (0, 1, 2)}
+    primaries |= {jacobi_primary(o) for o in range(4)}
+    features = {feature(p, s) for p in primaries for s in range(3)}
     assert features == set(range(NUM_FEATURES))
+
+
+def test_agreement_raises_the_prior():
+    model = AcceptanceModel()
+    for primary in (copy_primary(False, 1, False), pool_primary(1, 1, 0), jacobi_primary(0)):
+        assert model.p(feature(primary, 0)) < model.p(feature(primary, 1)) < model.p(
+            feature(primary, 2))
 
 
 def test_acceptance_converges_to_the_observed_rate():
     model = AcceptanceModel(prior_weight=4.0, half_life=0)
-    f, g = copy_feature(False, 4, True), pool_feature(1, 1, False, 0)
+    f, g = copy_feature(False, 4, True), feature(pool_primary(1, 1, 0), 0)
     rng = random.Random(0)
     for _ in range(4000):
         # f is accepted 80 % of the time; g, placed after it, 30 % of the time.
@@ -39,7 +51,7 @@ def test_acceptance_converges_to_the_observed_rate():
 
 def test_positions_after_the_first_rejection_teach_nothing():
     model = AcceptanceModel()
-    f = jacobi_feature(2)
+    f = feature(jacobi_primary(2), 0)
     before = model.p(f)
     for _ in range(100):
         model.observe([copy_feature(False, 1, False), f], 0)

@@ -93,8 +93,9 @@ def test_ngrams_follow_the_diagonal_of_issued_guesses():
     w = window(n=3, max_key_len=1)
     w.observe(np.array([1, 2, 3]), base=3, drafts=np.array([10, 20, 30]),
               argmax=np.array([11, 21, 31]), accepted=0)
-    chain = np.concatenate([w.issue(4, chain_offset=0, limit=2), [40]])
-    assert chain.tolist() == [21, 31, 40]
+    assert w.guesses_from(4).tolist() == [21, 31]
+    chain = np.array([21, 31, 40])
+    w.issue(4, chain.tolist())
     h = w.observe(np.array([1, 2, 3, 11]), base=4, drafts=chain, argmax=np.array([50, 60, 70]),
                   accepted=0)
     grams = [(int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(), strict=True)]
@@ -102,11 +103,11 @@ def test_ngrams_follow_the_diagonal_of_issued_guesses():
     assert grams == [(10, (21, 60)), (20, (31, 70))]
 
 
-def test_a_guess_the_scheduler_dropped_falls_back_to_the_causal_inputs():
+def test_a_token_that_is_not_the_guess_for_its_position_keeps_its_causal_inputs():
     w = window(n=3, max_key_len=1)
     w.observe(np.array([1, 2, 3]), base=3, drafts=np.array([10, 20, 30]),
               argmax=np.array([11, 21, 31]), accepted=0)
-    w.issue(4, chain_offset=0, limit=2)
+    w.issue(4, [22, 31])  # 22 is not the guess for index 4 (21); 31 is the one for index 5
     h = w.observe(np.array([1, 2, 3, 11]), base=4, drafts=np.array([22, 31]),
                   argmax=np.array([50, 60]), accepted=0)
     grams = [(int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(), strict=True)]
@@ -119,7 +120,8 @@ def test_a_chain_cut_before_the_issued_guesses_is_harvested_from_its_inputs():
     w.observe(np.array([1, 2, 3]), base=3, drafts=np.arange(10, 90, 10),
               argmax=np.arange(11, 91, 10), accepted=0)
     # the next chain: three candidate tokens, then the guesses for token indices 7, 8, 9
-    assert w.issue(7, chain_offset=3, limit=3).tolist() == [51, 61, 71]
+    assert w.guesses_from(7).tolist()[:3] == [51, 61, 71]
+    w.issue(4, [7, 8, 9, 51, 61, 71])
     h = w.observe(np.array([1, 2, 3, 11]), base=4, drafts=np.array([7, 8]),
                   argmax=np.array([50, 60]), accepted=0)
     grams = [(int(h.seq[s]), tuple(c)) for s, c in zip(h.starts, h.conts.tolist(), strict=True)]

@@ -34,16 +34,22 @@ from vllm_lookahead.estimator import (
     AcceptanceModel,
     CostModel,
     Source,
-    copy_feature,
+    copy_primary,
     cut_chains,
-    jacobi_feature,
-    pool_feature,
+    feature,
+    jacobi_primary,
+    pool_primary,
 )
 from vllm_lookahead.jacobi_window import JacobiWindow
-from vllm_lookahead.ngram_cache import NGramPool
+from vllm_lookahead.ngram_cache import Candidate, NGramPool
 from vllm_lookahead.trajectory import StepTrajectory
 
 _SWEEP_EVERY_STEPS = 256
+_CONTEXT = 16
+"""Tokens of context the sources look at (the longest match order)."""
+# Kinds of source, as bits: a token's support is how many kinds propose it.
+_OWN, _SHARED, _POOL, _JACOBI = 1, 2, 4, 8
+_KINDS = [bin(kinds).count("1") for kinds in range(16)]
 CPU_STEP_COST_PRIOR = (0.04, 0.008, 0.003)
 """Seconds per step, per row and per verified token: a small model on a few CPU cores. Only a
 starting point; the cost model follows what the steps actually take."""
@@ -276,65 +282,76 @@ class LookaheadDrafter:
         state.acceptance.observe(issued.features[:verified], accepted)
 
     def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> Chain:
-        """The longest chain worth considering (`_cut` shortens it): source bids token by token,
-        then Jacobi guesses, then seeded prompt tokens; at most K tokens and never past
-        max_model_len."""
+        """The longest chain worth considering (`_cut` shortens it): at each position the token
+        with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens and
+        never past max_model_len."""
         budget = min(state.budget, self.max_model_len - length - 1)
         chain = Chain()
         if budget <= 0:
             return chain
-        context = tokens[max(0, length - self.cfg.max_key_len - 16):length].tolist()
+        context = tokens[max(0, length - _CONTEXT):length].tolist()
         guesses = state.window.guesses_from(length).tolist()
-        while len(chain.tokens) < budget and self._bid(state, chain, context, guesses, budget):
-            pass
-        n = len(chain.tokens)
-        for i, guess in enumerate(state.window.issue(length + n, n, budget - n).tolist()):
-            feature = jacobi_feature(i)
-            chain.push(guess, Source.JACOBI, feature, state.acceptance.p(feature))
+        shared = self.shared.index(state.namespace) if state.share else None
+        run: tuple[Candidate, int] | None = None
+        while len(chain.tokens) < budget:
+            pos = len(chain.tokens)
+            bid = self._best_bid(state, shared, context, guesses[pos] if pos < len(guesses)
+                                 else -1, pos, run)
+            if bid is None:
+                break
+            p, token, source, feat, run = bid
+            chain.push(token, source, feat, p)
+            context.append(token)
         p_fill = state.acceptance.p(FILL_FEATURE)
         for token in state.window.random_fill(budget - len(chain.tokens)).tolist():
             chain.push(token, Source.FILL, FILL_FEATURE, p_fill)
+        state.window.issue(length, chain.tokens)
         return chain
 
-    def _bid(self, state: RequestState, chain: Chain, context: list[int], guesses: list[int],
-             budget: int) -> bool:
-        """Append the likeliest next token (or pool n-gram) to the chain; False if no source
-        has one."""
+    def _best_bid(self, state: RequestState, shared: ContextIndex | None, context: list[int],
+                  guess: int, pos: int, run: tuple[Candidate, int] | None,
+                  ) -> tuple[float, int, Source, int, tuple[Candidate, int] | None] | None:
+        """Every source's next token for this context; the token whose evidence (its best
+        source, and how many kinds of source agree on it) prices highest, as
+        `(p, token, source, feature, pool n-gram being continued)`, or None if none bids."""
         p_of = state.acceptance.p
-        best_p, best = 0.0, None
-        corpora = [(state.text, False)]
-        if state.share and (shared_index := self.shared.index(state.namespace)) is not None:
-            corpora.append((shared_index, True))
-        for corpus, shared in corpora:
-            match = corpus.match(context)
-            if match is None:
-                continue
-            nxt = corpus.continuation(match.end, 1)
-            if not nxt or nxt[0] < 0:
-                continue
-            feature = copy_feature(shared, match.length, match.consistent)
-            p = p_of(feature)
-            if p > best_p:
-                source = (Source.SHARED if shared else
-                          Source.PROMPT if match.end + 1 < state.num_prompt_tokens else
-                          Source.OUTPUT)
-                best_p, best = p, ([nxt[0]], [source], [feature], [p])
-        pos = len(chain.tokens)
-        guess = guesses[pos] if pos < len(guesses) else -1
-        for cand in state.pool.candidates(context):
-            toks = cand.tokens[:budget - pos]
-            feats = [pool_feature(cand.key_len, cand.hits, toks[0] == guess, j)
-                     for j in range(len(toks))]
-            probs = [p_of(f) for f in feats]
-            if probs[0] > best_p:
-                best_p, best = probs[0], (list(toks), [Source.TRAJECTORY] * len(toks), feats,
-                                          probs)
-        if best is None:
-            return False
-        for token, source, feature, p in zip(*best, strict=True):
-            chain.push(token, source, feature, p)
-        context.extend(best[0])
-        return True
+        offers: dict[int, list[Any]] = {}  # token -> [p alone, primary, source, kinds, run]
+
+        def offer(token: int, kind: int, source: Source, primary: int,
+                  run_after: tuple[Candidate, int] | None) -> None:
+            p = p_of(feature(primary, 0))
+            current = offers.get(token)
+            if current is None:
+                offers[token] = [p, primary, source, kind, run_after]
+                return
+            current[3] |= kind
+            if p > current[0]:
+                current[0], current[1], current[2], current[4] = p, primary, source, run_after
+
+        match = state.text.match(context)
+        if match is not None:
+            token = state.text.tokens[match.end + 1]
+            source = Source.PROMPT if match.end + 1 < state.num_prompt_tokens else Source.OUTPUT
+            offer(token, _OWN, source, copy_primary(False, match.length, match.consistent), None)
+        if shared is not None and (match := shared.match(context)) is not None:
+            offer(shared.tokens[match.end + 1], _SHARED, Source.SHARED,
+                  copy_primary(True, match.length, match.consistent), None)
+        # A pool n-gram continues where it was chosen, since its tokens were predicted one after
+        # another; fresh n-grams start under the context's last tokens.
+        continued = [run] if run is not None else []
+        for cand, j in [*continued, *((c, 0) for c in state.pool.candidates(context))]:
+            offer(cand.tokens[j], _POOL, Source.TRAJECTORY,
+                  pool_primary(cand.key_len, cand.hits, j),
+                  (cand, j + 1) if j + 1 < len(cand.tokens) else None)
+        if guess >= 0:
+            offer(guess, _JACOBI, Source.JACOBI, jacobi_primary(pos), None)
+        best = None
+        for token, (_, primary, source, kinds, run_after) in offers.items():
+            feat = feature(primary, _KINDS[kinds] - 1)
+            p = p_of(feat)
+            if best is None or p > best[0]:
+                best = (p, token, source, feat, run_after)
+        return best
 
     def _cut(self, chains: list[Chain]) -> None:
         if not self.adaptive:

@@ -43,22 +43,24 @@ class Source(enum.IntEnum):
     """Prompt tokens drawn by a seeded generator: the Jacobi starting point."""
 
 
-# Features: ranges of integers, one range per kind of evidence.
+# Features: small integers. A token's *primary* feature is its strongest single piece of evidence
+# (its source and what that source knows); its *support* is how many other kinds of source propose
+# the same token at that position. Agreement matters most: on SmolLM2 a first draft token proposed
+# by one source was accepted 17 % of the time, by two 41 %, by three 72 %.
 MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 """Effective match length (the matched context plus the tokens copied since), bucketed."""
-_COPY_KINDS = 3  # own context, shared corpus (prompt and output share a feature)
-_COPY_FEATURES = len(MATCH_BUCKETS) * 2  # x consistent
 POOL_HITS = 3  # 1, 2, 3+ harvests of that continuation
 POOL_OFFSETS = 3  # position inside the n-gram: 0, 1, 2+
-_POOL_FEATURES = 2 * POOL_HITS * 2 * POOL_OFFSETS  # key length 1/2+ x hits x agrees x offset
 JACOBI_OFFSETS = 4
+SUPPORT_LEVELS = 3  # no other kind of source agrees, one does, two or more do
+_COPY_FEATURES = len(MATCH_BUCKETS) * 2  # x consistent
 _BASE_OWN = 0
 _BASE_SHARED = _BASE_OWN + _COPY_FEATURES
 _BASE_POOL = _BASE_SHARED + _COPY_FEATURES
-_BASE_JACOBI = _BASE_POOL + _POOL_FEATURES
-_FILL_FEATURE = _BASE_JACOBI + JACOBI_OFFSETS
-NUM_FEATURES = _FILL_FEATURE + 1
-del _COPY_KINDS
+_BASE_JACOBI = _BASE_POOL + 2 * POOL_HITS * POOL_OFFSETS  # x key length 1 / 2+
+FILL_PRIMARY = _BASE_JACOBI + JACOBI_OFFSETS
+NUM_PRIMARY = FILL_PRIMARY + 1
+NUM_FEATURES = NUM_PRIMARY * SUPPORT_LEVELS
 
 
 def _match_bucket(length: int) -> int:
@@ -68,41 +70,50 @@ def _match_bucket(length: int) -> int:
     return len(MATCH_BUCKETS) - 1
 
 
-def copy_feature(shared: bool, match_len: int, consistent: bool) -> int:
+def copy_primary(shared: bool, match_len: int, consistent: bool) -> int:
     base = _BASE_SHARED if shared else _BASE_OWN
     return base + 2 * _match_bucket(match_len) + int(consistent)
 
 
-def pool_feature(key_len: int, hits: int, agrees: bool, offset: int) -> int:
-    index = ((min(key_len, 2) - 1) * POOL_HITS + min(hits, POOL_HITS) - 1) * 2 + int(agrees)
+def pool_primary(key_len: int, hits: int, offset: int) -> int:
+    index = (min(key_len, 2) - 1) * POOL_HITS + min(hits, POOL_HITS) - 1
     return _BASE_POOL + index * POOL_OFFSETS + min(offset, POOL_OFFSETS - 1)
 
 
-def jacobi_feature(offset: int) -> int:
+def jacobi_primary(offset: int) -> int:
     return _BASE_JACOBI + min(offset, JACOBI_OFFSETS - 1)
 
 
-FILL_FEATURE = _FILL_FEATURE
+def feature(primary: int, support: int) -> int:
+    return primary * SUPPORT_LEVELS + min(support, SUPPORT_LEVELS - 1)
+
+
+FILL_FEATURE = feature(FILL_PRIMARY, 0)
 
 
 def _prior() -> np.ndarray:
     """Prior acceptance per feature, before anything is observed: long, consistent matches are
-    likely, short ones and pool n-grams less so, Jacobi guesses and padding rarely."""
-    p = np.empty(NUM_FEATURES)
+    likely, short ones and pool n-grams less so, Jacobi guesses and padding rarely; agreement of
+    other sources makes any of them likelier."""
+    primary = np.empty(NUM_PRIMARY)
     for shared in (False, True):
         for edge in MATCH_BUCKETS:
-            for consistent in (0, 1):
-                base = 0.25 + 0.5 * (1 - math.exp(-edge / 6)) + 0.1 * consistent
-                p[copy_feature(shared, edge, bool(consistent))] = base * (0.8 if shared else 1)
+            for consistent in (False, True):
+                base = 0.2 + 0.6 * (1 - math.exp(-edge / 6)) + 0.1 * consistent
+                primary[copy_primary(shared, edge, consistent)] = base * (0.7 if shared else 1)
     for key_len in (1, 2):
         for hits in range(1, POOL_HITS + 1):
-            for agrees in (False, True):
-                for offset in range(POOL_OFFSETS):
-                    p[pool_feature(key_len, hits, agrees, offset)] = min(
-                        0.9, 0.15 + 0.05 * key_len + 0.05 * hits + 0.1 * agrees + 0.1 * offset)
+            for offset in range(POOL_OFFSETS):
+                primary[pool_primary(key_len, hits, offset)] = min(
+                    0.9, 0.1 + 0.05 * key_len + 0.05 * hits + 0.15 * offset)
     for offset in range(JACOBI_OFFSETS):
-        p[jacobi_feature(offset)] = 0.1
-    p[FILL_FEATURE] = 0.02
+        primary[jacobi_primary(offset)] = 0.07
+    primary[FILL_PRIMARY] = 0.01
+    p = np.empty(NUM_FEATURES)
+    for f in range(NUM_PRIMARY):
+        for support in range(SUPPORT_LEVELS):
+            # Each agreeing source removes about half of what is left of the doubt.
+            p[feature(f, support)] = 1 - (1 - primary[f]) * 0.5 ** support
     return p
 
 

@@ -51,9 +51,7 @@ class JacobiWindow:
         self.anchor = 0
         self.guesses = _EMPTY
         self._lineage = np.empty((0, self.lineage_len), dtype=np.int64)
-        self._issued_at = -1
-        self._issued = _EMPTY
-        self._issued_lineage = self._lineage
+        self._issued: dict[int, list[int]] = {}
 
     def guesses_from(self, index: int) -> np.ndarray:
         """Guesses for token indices `index, index+1, ...` (empty if none are known)."""
@@ -62,19 +60,20 @@ class JacobiWindow:
             return _EMPTY
         return self.guesses[offset:]
 
-    def issue(self, index: int, chain_offset: int, limit: int) -> np.ndarray:
-        """The guesses for token indices from `index`, placed at `chain_offset` of the next chain;
-        remembered so that `observe` can follow their diagonals."""
-        issued = self.guesses_from(index)[:max(limit, 0)]
-        self._issued_at = chain_offset if len(issued) else -1
-        self._issued = issued
-        self._issued_lineage = self._lineage[index - self.anchor:][:len(issued)] \
-            if len(issued) else self._lineage[:0]
-        return issued
+    def issue(self, index: int, chain: list[int]) -> None:
+        """Remember which tokens of the next chain (placed from token index `index`) are the
+        current guesses for their positions, whatever proposed them, so that `observe` can
+        follow their diagonals: the model predicted such a token along its lineage."""
+        offset = index - self.anchor
+        guesses = self.guesses.tolist()[max(offset, 0):]
+        start = max(-offset, 0)
+        self._issued = {pos: self._lineage[offset + pos].tolist()
+                        for pos in range(start, min(len(chain), start + len(guesses)))
+                        if chain[pos] == guesses[pos - start]}
 
     def reset(self) -> None:
         self.guesses = _EMPTY
-        self._issued_at = -1
+        self._issued = {}
 
     def random_fill(self, n: int) -> np.ndarray:
         """`n` prompt tokens chosen by the seeded generator, the Jacobi starting point."""
@@ -98,7 +97,7 @@ class JacobiWindow:
         grid = np.array(rows, dtype=np.int64).reshape(len(rows), width)
         self.guesses, self._lineage = self._without_stop_tokens(grid[:, -1], grid[:, 1:-1])
         self.anchor = base + accepted + 1
-        self._issued_at = -1
+        self._issued = {}
         # An n-gram needs all of its N tokens; only the key's extra context may be missing.
         grid = grid[(grid[:, self.max_key_len - 1:] >= 0).all(axis=1)]
         return Harvest(seq=grid.ravel(),
@@ -111,14 +110,11 @@ class JacobiWindow:
         lo = max(0, base - span)
         inputs = [-1] * (span - (base - lo)) + context[lo:base].tolist() + drafts
         causal = [inputs[i:i + span] for i in range(len(drafts))]
-        at = self._issued_at
-        if at >= 0:
-            issued = self._issued.tolist()
-            # The scheduler may have cut the chain, even before the first guess; a guess it kept
-            # is at its issued position.
-            for i, guess in enumerate(issued[:max(0, len(drafts) - at)]):
-                if drafts[at + i] == guess:
-                    causal[at + i] = self._issued_lineage[i].tolist()
+        # The scheduler may have cut the chain, even before the first guess; a guess it kept is
+        # at its issued position.
+        for pos, lineage in self._issued.items():
+            if pos < len(drafts):
+                causal[pos] = lineage
         return causal
 
     def _without_stop_tokens(self, guesses: np.ndarray,
