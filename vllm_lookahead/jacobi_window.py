@@ -23,6 +23,16 @@ import zlib
 import numpy as np
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One step of SplitMix64: `(next state, 64-bit output)`. A counter-based generator that
+    compiled code reproduces bit for bit, so every implementation of the drafter pads alike."""
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
 
 
 @dataclasses.dataclass
@@ -47,7 +57,7 @@ class JacobiWindow:
         fill = fill_tokens[~np.isin(fill_tokens, self.stop_token_ids)]
         self._fill_tokens = fill.astype(np.int64)
         # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
-        self._rng = np.random.default_rng([seed, zlib.crc32(fill_tokens.tobytes())])
+        self._rng_state = (seed * 0x100000001B3 + zlib.crc32(fill_tokens.tobytes())) & _MASK64
         self.anchor = 0
         self.guesses = _EMPTY
         self._lineage = np.empty((0, self.lineage_len), dtype=np.int64)
@@ -79,7 +89,13 @@ class JacobiWindow:
         """`n` prompt tokens chosen by the seeded generator, the Jacobi starting point."""
         if n <= 0 or len(self._fill_tokens) == 0:
             return _EMPTY
-        return self._rng.choice(self._fill_tokens, size=n)
+        out = np.empty(n, dtype=np.int64)
+        state, size = self._rng_state, len(self._fill_tokens)
+        for i in range(n):
+            state, value = splitmix64(state)
+            out[i] = self._fill_tokens[value % size]
+        self._rng_state = state
+        return out
 
     def observe(self, context: np.ndarray, base: int, drafts: np.ndarray, argmax: np.ndarray,
                 accepted: int) -> Harvest:
