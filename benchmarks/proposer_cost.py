@@ -1,29 +1,44 @@
 """The lookahead drafter's own cost, without vLLM: microseconds per request per step.
 
-Drives `LookaheadDrafter` with the simulated engine of `vllm_lookahead.simulation` (greedy
-verification, batch rows shuffled every step) over a deterministic toy language with repeated
-phrases, so pools fill and chains get accepted as in real traffic. Prints the time per
-request-step, a digest of every chain proposed (an optimisation of the drafter must leave it
-unchanged) and the pools' memory at the end.
+Drives a drafter with the simulated engine of `vllm_lookahead.simulation` (greedy verification,
+batch rows shuffled every step) over a deterministic toy language with repeated phrases, so pools
+fill and chains get accepted as in real traffic, on the CPU production path (adaptive chains, a
+step time handed to every call, so the cost model fits each step). For each batch size it times,
+after the step that admits the prompts, the reference drafter (`reference`, pure Python), the
+compiled one (`compiled`) and, on the same inputs in the same run, vLLM's own
+`NgramProposer.propose` (prompt lookup, its default n = 5, K = 7). It prints µs per request-step,
+a digest of every chain proposed (the compiled drafter's must equal the reference's), the pools'
+bytes per stored continuation and the text index's bytes per token, then the milliseconds to admit
+one long prompt.
 
 Usage:
-``python -m benchmarks.proposer_cost [--batch 8] [--tokens 400] [--repeat 3]``
+``python -m benchmarks.proposer_cost [--batch 1,64,256] [--prompt-len 2048] [--tokens 64]
+[--repeat 3] [--admit 32768] [--drafters reference,compiled]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
+from vllm_lookahead import kernels
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.simulation import SimulatedEngine
+from vllm_lookahead.drafter import LookaheadDrafter
+from vllm_lookahead.reference_drafter import ReferenceDrafter
+from vllm_lookahead.simulation import Requests, SimulatedEngine
 
 VOCAB = 2000
-PROMPT_LEN = 300
+K = 7
+NGRAM_N = 5
+DRAFTERS: dict[str, Callable[..., Any]] = {"reference": ReferenceDrafter,
+                                           "compiled": LookaheadDrafter}
 
 
 class ToyLanguage:
@@ -41,43 +56,161 @@ class ToyLanguage:
         return self._table[key]
 
 
-def run(batch: int, tokens: int) -> tuple[float, int, int, str, tuple[int, int]]:
-    prompts = [[random.Random(i).randrange(64) for _ in range(PROMPT_LEN)] for i in range(batch)]
-    engine = SimulatedEngine(LookaheadConfig(), 7, prompts, model=ToyLanguage(1),
-                        max_len=PROMPT_LEN + tokens + 64)
+def toy_text(language: ToyLanguage, rng: random.Random, n: int) -> list[int]:
+    """Text of the toy language with one token in ten replaced at random."""
+    tokens = [rng.randrange(VOCAB)]
+    while len(tokens) < n:
+        tokens.append(language(tokens) if rng.random() > 0.1 else rng.randrange(VOCAB))
+    return tokens
+
+
+@dataclasses.dataclass
+class Result:
+    drafter: str
+    batch: int
+    spent: float
+    """Seconds inside draft_batch over the timed steps (every step after the admitting one)."""
+    request_steps: int
+    accepted: int
+    digest: str
+    """Of every chain proposed, the admitting step's included."""
+    continuations: int
+    pool_bytes: int
+    text_tokens: int
+    index_bytes: int
+    ngram_spent: float | None = None
+    """vLLM's NgramProposer.propose on the same inputs, same steps."""
+
+    @property
+    def us_per_request_step(self) -> float:
+        return 1e6 * self.spent / max(self.request_steps, 1)
+
+    @property
+    def ngram_us(self) -> float | None:
+        if self.ngram_spent is None:
+            return None
+        return 1e6 * self.ngram_spent / max(self.request_steps, 1)
+
+
+def vllm_ngram(batch: int, max_len: int) -> Any | None:
+    """vLLM's own prompt-lookup proposer, built as its runner builds it (None without vLLM)."""
+    try:
+        from types import SimpleNamespace
+
+        from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+    except ImportError:
+        return None
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(prompt_lookup_min=NGRAM_N, prompt_lookup_max=NGRAM_N,
+                                           num_speculative_tokens=K),
+        model_config=SimpleNamespace(max_model_len=max_len),
+        scheduler_config=SimpleNamespace(max_num_seqs=max(batch, 1)),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1))
+    return NgramProposer(config)
+
+
+def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled",
+        ngram: bool = False, adaptive: bool = True) -> Result:
+    prompts = [toy_text(ToyLanguage(1), random.Random(i), prompt_len) for i in range(batch)]
+    max_len = prompt_len + tokens + 64
+    engine = SimulatedEngine(LookaheadConfig(), K, prompts, model=ToyLanguage(1),
+                             max_len=max_len, adaptive=adaptive, drafter=DRAFTERS[drafter])
+    rival = vllm_ngram(batch, max_len) if ngram else None
     draft_batch = engine.drafter.draft_batch
     digest = hashlib.sha256()
-    spent, request_steps = 0.0, 0
+    timed = {"spent": 0.0, "steps": 0, "ngram": 0.0, "calls": 0}
 
-    def timed(*args: Any, **kwargs: Any) -> list[list[int]]:
-        nonlocal spent, request_steps
+    def timed_call(req_ids: Any, sampled: Any, num_tokens: Any, token_ids: Any, *args: Any,
+                   **kwargs: Any) -> list[list[int]]:
+        timed["calls"] += 1
+        # A step time that follows the load, as the proposer measures it between calls.
+        seconds = 0.01 + 0.002 * len(req_ids) + 0.001 * (timed["calls"] % 5)
         started = time.perf_counter()
-        chains = draft_batch(*args, **kwargs)
-        spent += time.perf_counter() - started
-        request_steps += len(chains)
+        chains = draft_batch(req_ids, sampled, num_tokens, token_ids, *args,
+                             step_seconds=seconds)
+        spent = time.perf_counter() - started
+        if timed["calls"] > 1:  # the first call admits every prompt: timed apart
+            timed["spent"] += spent
+            timed["steps"] += len(chains)
+            if rival is not None:
+                started = time.perf_counter()
+                rival.propose(K, sampled, num_tokens, token_ids)
+                timed["ngram"] += time.perf_counter() - started
         digest.update(repr(chains).encode())
         return chains
 
-    engine.drafter.draft_batch = timed  # type: ignore[method-assign]
+    engine.drafter.draft_batch = timed_call  # type: ignore[method-assign]
     engine.run(tokens)
-    pools = [state.pool for state in engine.drafter.states.values()]
-    size = sum(len(p) for p in pools), sum(p.nbytes() for p in pools)
-    return spent, request_steps, engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16], size
+    return Result(drafter, batch, timed["spent"], timed["steps"],
+                  engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16],
+                  *memory(engine.drafter), ngram_spent=timed["ngram"] if rival else None)
+
+
+def memory(drafter: Any) -> tuple[int, int, int, int]:
+    """(continuations, pool bytes, text tokens, text index bytes) of the live requests."""
+    if isinstance(drafter, ReferenceDrafter):
+        states = list(drafter.states.values())
+        return (sum(len(s.pool) for s in states), sum(s.pool.nbytes() for s in states),
+                sum(len(s.text) for s in states), sum(s.text.nbytes() for s in states))
+    slots = [h.slot for h in drafter.states.values()]
+    meta = drafter._meta
+    return (int(meta[slots, kernels.M_NCONT].sum()),
+            sum(drafter._pool_bytes(s) for s in slots),
+            int(meta[slots, kernels.M_TEXT_LEN].sum()),
+            sum(drafter._index_bytes(s) for s in slots))
+
+
+def admission_ms(drafter: str, prompt_len: int, repeat: int) -> float:
+    """Milliseconds for the step that admits one request with a prompt of `prompt_len` tokens
+    (its text indexed whole), the fastest of `repeat`."""
+    rng = random.Random(7)
+    phrase = [rng.randrange(VOCAB) for _ in range(200)]
+    prompt = [t if rng.random() > 0.1 else rng.randrange(VOCAB) for t in
+              (phrase * (prompt_len // len(phrase) + 1))[:prompt_len]]
+    tokens = np.array([[*prompt, 5]], dtype=np.int32)
+    best = float("inf")
+    for _ in range(repeat):
+        d = DRAFTERS[drafter](LookaheadConfig(), K, prompt_len + 64, True)
+        requests = Requests()
+        requests.add("long", prompt_len)
+        started = time.perf_counter()
+        d.draft_batch(["long"], [[5]], np.array([prompt_len + 1]), tokens, None, requests)
+        best = min(best, time.perf_counter() - started)
+    return 1e3 * best
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=400, help="new tokens per request")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", default="1,64,256", help="batch sizes, comma-separated")
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the fastest counts")
+    parser.add_argument("--admit", type=int, default=32768, help="long prompt to admit; 0: skip")
+    parser.add_argument("--drafters", default="reference,compiled")
+    parser.add_argument("--no-ngram", action="store_true", help="skip vLLM's NgramProposer")
     args = parser.parse_args(argv)
-    for _ in range(args.repeat):
-        spent, request_steps, accepted, digest, (continuations, nbytes) = run(args.batch,
-                                                                              args.tokens)
-        print(f"batch {args.batch}: {1e6 * spent / request_steps:.1f} us per request-step over "
-              f"{request_steps} request-steps, {accepted} tokens accepted, chains {digest}; "
-              f"pools {continuations} continuations, {nbytes / 1024:.0f} KiB "
-              f"({nbytes / max(continuations, 1):.0f} B each)")
+    names = args.drafters.split(",")
+    LookaheadDrafter(LookaheadConfig(), K, 64, True).warm_up()  # compile outside the timings
+    print(f"prompt {args.prompt_len} tokens, {args.tokens} new tokens per request, K={K}, "
+          f"adaptive (CPU path), fastest of {args.repeat}")
+    print("| batch | drafter | µs/request-step | vLLM ngram µs | accepted | chains digest | "
+          "B/continuation | index B/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch.split(",")):
+        for name in names:
+            runs = [run(batch, args.tokens, args.prompt_len, name, not args.no_ngram)
+                    for _ in range(args.repeat)]
+            best = min(runs, key=lambda r: r.us_per_request_step)
+            ngram = min((r.ngram_us for r in runs if r.ngram_us is not None), default=None)
+            assert len({r.digest for r in runs}) == 1, "chains differ between runs"
+            print(f"| {batch} | {name} | {best.us_per_request_step:.1f} | "
+                  f"{'-' if ngram is None else f'{ngram:.1f}'} | {best.accepted} | "
+                  f"{best.digest} | {best.pool_bytes / max(best.continuations, 1):.0f} | "
+                  f"{best.index_bytes / max(best.text_tokens, 1):.0f} |", flush=True)
+    if args.admit:
+        for name in names:
+            print(f"admit one {args.admit}-token prompt, {name}: "
+                  f"{admission_ms(name, args.admit, args.repeat):.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

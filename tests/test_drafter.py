@@ -1,5 +1,7 @@
 """The drafter driven by a simulated engine: a deterministic 'model' and vLLM's greedy verification
-rule, with batch rows shuffled every step as vLLM's persistent batch does."""
+rule, with batch rows shuffled every step as vLLM's persistent batch does. The compiled drafter
+(the default) runs them, except where a test looks inside the reference's per-request objects
+(`ReferenceDrafter`); tests/test_compiled_drafter.py checks that both propose the same chains."""
 
 import random
 
@@ -8,6 +10,7 @@ import pytest
 
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.drafter import LookaheadDrafter, Source
+from vllm_lookahead.reference_drafter import ReferenceDrafter
 from vllm_lookahead.simulation import Requests, SimulatedEngine
 
 VOCAB = 37
@@ -36,8 +39,10 @@ def greedy(prompt, n):
     return toks
 
 
-def simulate(cfg, k, prompts, seed=0, model=model, adaptive=False, max_len=MAX_LEN):
-    return SimulatedEngine(cfg, k, prompts, model, seed=seed, adaptive=adaptive, max_len=max_len)
+def simulate(cfg, k, prompts, seed=0, model=model, adaptive=False, max_len=MAX_LEN,
+             drafter=LookaheadDrafter):
+    return SimulatedEngine(cfg, k, prompts, model, seed=seed, adaptive=adaptive, max_len=max_len,
+                           drafter=drafter)
 
 
 PROMPTS = [[1, 2], [3, 4, 5, 6], [9, 9, 9], [11, 30, 2, 8, 19]]
@@ -66,7 +71,7 @@ def test_trajectory_ngrams_are_proposed_and_accepted():
 def test_first_trajectory_candidate_comes_from_past_the_first_rejection():
     """Catch the first proposal of a trajectory n-gram and check where it was harvested."""
     eng = simulate(LookaheadConfig(ngram_size=3, window_size=5, pool_from_prompt=False), k=6,
-                   prompts=[[30, 31, 32, 33, 2]], model=successor)
+                   prompts=[[30, 31, 32, 33, 2]], model=successor, drafter=ReferenceDrafter)
     rid = "req-0"
     harvested = []
     original_observe = None
@@ -185,7 +190,8 @@ def test_adaptive_chains_follow_the_step_cost():
 
 
 def test_adaptive_cut_keeps_prefixes_of_the_full_chain():
-    eng = simulate(LookaheadConfig(), k=8, prompts=PROMPTS, adaptive=True)
+    eng = simulate(LookaheadConfig(), k=8, prompts=PROMPTS, adaptive=True,
+                   drafter=ReferenceDrafter)
     drafter = eng.drafter
     full = []
     original = drafter._cut
@@ -263,7 +269,8 @@ def test_guess_set_size_changes_the_drafts():
 
     def first_draft(g):
         eng = simulate(LookaheadConfig(ngram_size=3, guess_set_size=g, max_key_len=1,
-                                       pool_from_prompt=False), k=2, prompts=[[1, 2, 3, 4, 5]])
+                                       pool_from_prompt=False), k=2, prompts=[[1, 2, 3, 4, 5]],
+                       drafter=ReferenceDrafter)
         eng.step(["req-0"])
         state = eng.drafter.states["req-0"]
         for cont in [(6, 7)] * 3 + [(8, 9)]:

@@ -10,6 +10,7 @@ Mapping to the reference implementation (LADE, Fu et al. 2024):
     seed               (new)           seeds the random prompt tokens that pad the window
     adaptive           (new)           cut chains where verifying a token no longer pays
     shared_pool_tokens (new)           finished requests' text kept to draft later requests
+    memory_budget_mib  (new)           bytes the drafter may hold per engine, enforced by eviction
 
 vLLM verifies one linear chain per request, so the chain for a step is the best pool candidate
 (≤ N-1 tokens) followed by Jacobi guesses; K = num_speculative_tokens = N-1+W by default.
@@ -52,6 +53,10 @@ class LookaheadConfig:
     shared_pool_tokens: int = 65536
     """Tokens of finished requests' outputs kept per engine for drafting later requests (the
     cross-request corpus); 0 turns sharing off."""
+    memory_budget_mib: int = 1024
+    """Bytes (in MiB) the engine's drafter may hold for all requests' text indexes, trajectory
+    pools and the cross-request corpus; past it the drafter evicts (the corpus's oldest text,
+    then the largest pools, then the largest text indexes)."""
 
     def __post_init__(self) -> None:
         _check_int("ngram_size", self.ngram_size, 2, 16)
@@ -60,6 +65,7 @@ class LookaheadConfig:
         _check_int("max_key_len", self.max_key_len, 1, 8)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("shared_pool_tokens", self.shared_pool_tokens, 0, 2**31 - 1)
+        _check_int("memory_budget_mib", self.memory_budget_mib, 1, 2**20)
         _check_bool("pool_from_prompt", self.pool_from_prompt)
         if self.adaptive is not None:
             _check_bool("adaptive", self.adaptive, "or null (auto)")

@@ -1,146 +1,86 @@
-"""The drafter: everything lookahead does per step that needs no vLLM, testable with plain arrays.
+"""The drafter: everything lookahead does per step that needs no vLLM, compiled (`kernels`).
 
-Per request (keyed by request id) it keeps the request's text indexed for longest-suffix matches,
-the Jacobi window and the pool of trajectory n-grams; per engine, the acceptance model, the step
-cost model and the corpora shared across requests. Each step it takes the committed tokens and the
-verified chains with the target's predictions (`StepTrajectory`), learns from them, and composes
-the next chains:
+The algorithm is `reference_drafter.ReferenceDrafter`'s, chain for chain (a property test drives
+both with the same traffic): per request the text indexed for longest-suffix matches, the
+trajectory pool and the Jacobi window; per engine the acceptance model, the step cost model and
+the cross-request corpus. What differs is where it runs: the per-step work of the whole batch is
+two numba calls over flat arrays (`kernels.sync_batch`, `kernels.compose_batch`). Python maps
+request ids to slots, admits and frees requests, keeps the cost model (one fit per step) and the
+shared corpus's bookkeeping, and turns the output array into the lists vLLM wants.
 
-1. **Candidates, token by token.** At each chain position the sources bid: the request's own
-   text (prompt and output) and the shared corpus, each with the token after the longest earlier
-   occurrence of the context's end; the trajectory pool, with every continuation stored under the
-   context's last tokens (up to G per key). Each bid is priced by the acceptance model from its
-   evidence, and the likeliest wins; a pool n-gram is taken whole, since its tokens were predicted
-   one after another.
-2. **Jacobi guesses** then fill the positions for which no source bids, and seeded prompt tokens
-   (LADE's window start) the rest, up to K.
-3. **The cut.** With `adaptive` on (the CPU default), the batch keeps only the draft tokens whose
-   probability of being reached and accepted pays for verifying them (`estimator.cut_chains`).
-   Off (GPUs), every chain is K tokens, so that CUDA graphs cover the batch.
+Memory: every structure is counted (bytes of the arrays in the store, the fixed per-slot arrays,
+the shared sequences) against `LookaheadConfig.memory_budget_mib`; past it, at the end of the step
+or admission that passed it, the drafter evicts, least useful first: the shared corpus's oldest
+sequences, then the largest trajectory pools, then the largest text indexes (that request then
+drafts from its pool and Jacobi window only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from collections import deque
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.config import LookaheadConfig, RequestOptions
-from vllm_lookahead.context_index import ContextIndex, SharedCorpus
+from vllm_lookahead import kernels as kn
+from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.context_index import ORDERS
 from vllm_lookahead.estimator import (
     FILL_FEATURE,
+    POOL_HITS,
+    SUPPORT_LEVELS,
     AcceptanceModel,
     CostModel,
     Source,
     copy_primary,
-    cut_chains,
-    feature,
+    cost_observe_compiled,
     jacobi_primary,
     pool_primary,
 )
-from vllm_lookahead.jacobi_window import JacobiWindow
-from vllm_lookahead.ngram_cache import Candidate, NGramPool
+from vllm_lookahead.reference_drafter import (
+    _SWEEP_EVERY_STEPS,
+    CPU_STEP_COST_PRIOR,
+    LookaheadStats,
+    RequestInfo,
+    RequestSource,
+)
 from vllm_lookahead.trajectory import StepTrajectory
 
-_SWEEP_EVERY_STEPS = 256
-_CONTEXT = 16
-"""Tokens of context the sources look at (the longest match order)."""
-# Kinds of source, as bits: a token's support is how many kinds propose it.
-_OWN, _SHARED, _POOL, _JACOBI = 1, 2, 4, 8
-_KINDS = [bin(kinds).count("1") for kinds in range(16)]
-CPU_STEP_COST_PRIOR = (0.04, 0.008, 0.003)
-"""Seconds per step, per row and per verified token: a small model on a few CPU cores. Only a
-starting point; the cost model follows what the steps actually take."""
+__all__ = ["LookaheadDrafter", "LookaheadStats", "RequestInfo", "RequestSource", "Source"]
 
-__all__ = ["LookaheadDrafter", "RequestInfo", "RequestSource", "Source"]
+_MASK64 = (1 << 64) - 1
+_HITS_TABLE = 64
+"""Hits rows of the pool feature table; pool_primary saturates far below (POOL_HITS)."""
+_NONE = np.zeros(0, dtype=np.int64)
+_STAT_FIELDS = ("chains", "draft_tokens", "cut_tokens", "verified_chains", "verified_tokens",
+                "accepted_tokens", "trajectory_ngrams", "resyncs")
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestInfo:
+@dataclasses.dataclass(eq=False)
+class SlotHandle:
+    """A live request's slot in the store; a new request under the same id gets a new handle."""
+
+    slot: int
     owner: object
-    """vLLM's state object for the request; another object under the same id is a new request."""
-    num_prompt_tokens: int
-    stop_token_ids: frozenset[int]
-    options: RequestOptions = dataclasses.field(default_factory=RequestOptions)
-    """The request's lookahead options (`extra_args`), validated in the front-end."""
-    greedy: bool = True
-    """Decoded greedily; sampled requests accept less, so their acceptance is learned apart."""
-    prompt_mask: np.ndarray | None = None
-    """True where a prompt position holds a real token id (False for positions filled from
-    `prompt_embeds` or multimodal placeholders); None: every position does."""
+    namespace: str | None
+    share: bool
 
 
-class RequestSource(Protocol):
-    def owner(self, req_id: str) -> object | None: ...
+class AcceptanceView:
+    """One acceptance model (greedy or sampled) inside the compiled drafter's tables."""
 
-    def info(self, row: int, req_id: str) -> RequestInfo: ...
+    def __init__(self, tables: np.ndarray, index: int) -> None:
+        self._tables = tables
+        self._index = index
 
+    def p(self, feature: int) -> float:
+        return float(self._tables[2, self._index, feature])
 
-@dataclasses.dataclass
-class LookaheadStats:
-    steps: int = 0
-    chains: int = 0
-    draft_tokens: int = 0
-    cut_tokens: int = 0
-    """Candidate tokens the cost rule left out."""
-    verified_chains: int = 0
-    verified_tokens: int = 0
-    accepted_tokens: int = 0
-    drafted_by_source: list[int] = dataclasses.field(default_factory=lambda: [0] * len(Source))
-    accepted_by_source: list[int] = dataclasses.field(default_factory=lambda: [0] * len(Source))
-    trajectory_ngrams: int = 0
-    resyncs: int = 0
-    propose_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        names = [s.name.lower() for s in Source]
-        d["drafted_by_source"] = dict(zip(names, self.drafted_by_source, strict=True))
-        d["accepted_by_source"] = dict(zip(names, self.accepted_by_source, strict=True))
-        return d
-
-
-@dataclasses.dataclass
-class Chain:
-    """A chain being composed: tokens with, per token, its source, its acceptance feature and the
-    probability that the chain is accepted up to and including it."""
-
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    sources: list[Source] = dataclasses.field(default_factory=list)
-    features: list[int] = dataclasses.field(default_factory=list)
-    reach: list[float] = dataclasses.field(default_factory=list)
-
-    def push(self, token: int, source: Source, feature: int, p: float) -> None:
-        self.reach.append((self.reach[-1] if self.reach else 1.0) * p)
-        self.tokens.append(token)
-        self.sources.append(source)
-        self.features.append(feature)
-
-    def cut(self, n: int) -> None:
-        del self.tokens[n:], self.sources[n:], self.features[n:], self.reach[n:]
-
-
-class RequestState:
-    def __init__(self, cfg: LookaheadConfig, info: RequestInfo, prompt: list[int],
-                 fill: np.ndarray, budget: int, acceptance: AcceptanceModel) -> None:
-        self.owner = info.owner
-        self.num_prompt_tokens = info.num_prompt_tokens
-        self.budget = budget
-        self.acceptance = acceptance
-        self.namespace = info.options.namespace
-        self.share = info.options.share and cfg.shared_pool_tokens > 0
-        self.prompt = prompt
-        """The prompt as drafts may copy it: -1 where there is no real token (or nothing, when
-        `pool_from_prompt` is off)."""
-        self.text = ContextIndex()
-        self.pool = NGramPool(cfg.ngram_size, cfg.guess_set_size, cfg.max_key_len)
-        self.window = JacobiWindow(cfg.ngram_size, cfg.max_key_len, cfg.seed, fill,
-                                   info.stop_token_ids)
-        self.num_committed = -1
-        self.last_token = -1
-        self.issued = Chain()
+    def table(self) -> list[float]:
+        return self._tables[2, self._index].tolist()
 
 
 class LookaheadDrafter:
@@ -151,13 +91,126 @@ class LookaheadDrafter:
         self.k = num_speculative_tokens
         self.adaptive = adaptive
         self.max_model_len = max_model_len
-        self.states: dict[str, RequestState] = {}
-        self.stats = LookaheadStats()
-        # Sampled requests accept a draft with the target's probability of it, not its argmax:
-        # they learn their own acceptance.
-        self.acceptance = {True: AcceptanceModel(), False: AcceptanceModel()}
+        self.states: dict[str, SlotHandle] = {}
+        self._stats = LookaheadStats()
+        self._counters = np.zeros(kn.T_FIELDS, dtype=np.int64)
         self.cost = CostModel(step_cost_prior)
-        self.shared = SharedCorpus(cfg.shared_pool_tokens)
+        self.cost.use_compiled(cost_observe_compiled)
+        self.budget_bytes = cfg.memory_budget_mib << 20
+        self.evictions = 0
+        self._init_acceptance()
+        self._init_tables()
+        self._totals = np.zeros(1, dtype=np.int64)
+        self._slots_cap = 0
+        self._free: list[int] = []
+        self._store = kn.new_store(0)
+        self._grow_slots(16)
+        self._batch_cap = 0
+        self._grow_batch(16)
+        self._namespaces: dict[str | None, int] = {}
+        self._nsmap = np.full(8, -1, dtype=np.int64)
+        self.shared = SharedStore(self, cfg.shared_pool_tokens)
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _init_acceptance(self) -> None:
+        # Sampled requests accept a draft with the target's probability of it, not its argmax:
+        # they learn their own acceptance (index 0 sampled, 1 greedy).
+        models = [AcceptanceModel(), AcceptanceModel()]
+        self._acc = np.stack([np.stack([m.accepted, m.seen, np.array(m.table())])
+                              for m in models], axis=1).astype(np.float64)
+        # The same powers the reference computes (`decay ** len(touched)`), so that no pow()
+        # implementation of the compiled code can differ in the last bit.
+        self._dpow = np.array([models[0]._decay ** n for n in range(self.k + 2)])
+        self._floor = float(models[0]._floor)
+        self.acceptance = {True: AcceptanceView(self._acc, 1),
+                           False: AcceptanceView(self._acc, 0)}
+
+    def _init_tables(self) -> None:
+        cfg, k = self.cfg, self.k
+        c, mkl = cfg.ngram_size - 1, cfg.max_key_len
+        self._orders = np.array(ORDERS, dtype=np.int64)
+        self._cfg = np.zeros(kn.C_FIELDS, dtype=np.int64)
+        self._cfg[[kn.C_K, kn.C_CONT, kn.C_MKL, kn.C_G, kn.C_LIN, kn.C_MAXLEN, kn.C_SUPPORT,
+                   kn.C_FILLFEAT, kn.C_NORD, kn.C_HITS]] = (
+            k, c, mkl, cfg.guess_set_size, c - 1 + mkl - 1, self.max_model_len, SUPPORT_LEVELS,
+            FILL_FEATURE, len(ORDERS), _HITS_TABLE)
+        self._copy_prim = np.array([[[copy_primary(shared, order, consistent)
+                                      for consistent in (False, True)] for order in ORDERS]
+                                    for shared in (False, True)], dtype=np.int64)
+        self._pool_prim = np.zeros((mkl + 1, _HITS_TABLE + 1, c), dtype=np.int64)
+        for key_len in range(1, mkl + 1):
+            for hits in range(1, _HITS_TABLE + 1):
+                for j in range(c):
+                    self._pool_prim[key_len, hits, j] = pool_primary(key_len, hits, j)
+        assert POOL_HITS <= _HITS_TABLE
+        self._jac_prim = np.array([jacobi_primary(pos) for pos in range(k + 1)], dtype=np.int64)
+
+    def _grow_slots(self, capacity: int) -> None:
+        k, lin = self.k, self._cfg[kn.C_LIN]
+        old = self._slots_cap
+        fresh = {
+            "_meta": np.zeros((capacity, kn.M_FIELDS), dtype=np.int64),
+            "_rng": np.zeros(capacity, dtype=np.uint64),
+            "_jw": np.zeros((capacity, 4, k + 1), dtype=np.int32),
+            "_jl": np.zeros((capacity, 2, k + 1, lin), dtype=np.int32),
+        }
+        for name, array in fresh.items():
+            if old:
+                array[:old] = getattr(self, name)
+            setattr(self, name, array)
+        for _ in range((capacity - old) * kn.NREG):
+            self._store.append(kn.EMPTY)
+        self._free.extend(range(capacity - 1, old - 1, -1))
+        self._slots_cap = capacity
+        self._fixed: int | None = None
+
+    def _grow_batch(self, rows: int) -> None:
+        k = self.k
+        self._out_tok = np.zeros((rows, k), dtype=np.int32)
+        self._out_len = np.zeros(rows, dtype=np.int32)
+        self._out_reach = np.zeros((rows, k), dtype=np.float64)
+        self._out_src = np.zeros((rows, k), dtype=np.int32)
+        self._out_feat = np.zeros((rows, k), dtype=np.int32)
+        self._tinfo = np.zeros((rows, 3), dtype=np.int64)
+        self._batch_cap = rows
+        self._fixed = None
+
+    def _new_slot(self, kind: int) -> int:
+        if not self._free:
+            self._grow_slots(2 * self._slots_cap)
+        slot = self._free.pop()
+        self._meta[slot] = 0
+        self._meta[slot, kn.M_KIND] = kind
+        self._jw[slot] = 0
+        self._rng[slot] = 0
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        kn.free_slot(self._store, self._meta, self._totals, slot)
+        self._free.append(slot)
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) every kernel with a tiny batch, so that the
+        first engine step does not wait for it."""
+        from vllm_lookahead.simulation import Requests
+
+        requests = Requests()
+        requests.add("warm-up", 3)
+        tokens = np.array([[1, 2, 3, 1, 2]], dtype=np.int32)
+        for dtype in (np.int32, np.int64):
+            traj = StepTrajectory(["warm-up"], np.array([3]), np.array([0, 1]),
+                                  lambda: (np.array([1]), np.array([1])))
+            self.draft_batch(["warm-up"], [[1]], np.array([3]), tokens.astype(dtype), None,
+                             requests)
+            self.draft_batch(["warm-up"], [[1, 2]], np.array([5]), tokens.astype(dtype), traj,
+                             requests)
+            self.remove("warm-up")
+        self._counters[:] = 0
+        self._stats = LookaheadStats()
+        self._init_acceptance()
+
+    # --- the step ---------------------------------------------------------------------------
 
     def draft_batch(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
                     num_tokens: np.ndarray, token_ids: np.ndarray,
@@ -165,213 +218,206 @@ class LookaheadDrafter:
                     step_seconds: float | None = None) -> list[list[int]]:
         """The next chain of every row. `step_seconds`, the wall time of the step just verified,
         teaches the cost model."""
-        self.stats.steps += 1
-        chains: list[Chain | None] = []
-        admitted = False
-        verified = 0
-        for row, req_id in enumerate(req_ids):
-            if not sampled[row]:
-                # A partial prefill chunk or a discarded sample: nothing was committed.
-                chains.append(None)
-                continue
-            state = self.states.get(req_id)
-            if state is None or requests.owner(req_id) is not state.owner:
-                state = self._admit(row, req_id, token_ids[row], requests)
-                admitted = True
-            length = int(num_tokens[row])
-            traj_row = trajectory.row(req_id) if trajectory is not None else None
-            verified += self._sync(state, token_ids[row], length, len(sampled[row]), traj_row)
-            chains.append(self._compose(state, token_ids[row], length))
-        rows = sum(1 for c in chains if c is not None)
-        if step_seconds is not None and rows == len(req_ids) and not admitted:
+        self._stats.steps += 1
+        batch = len(req_ids)
+        if batch > self._batch_cap:
+            self._grow_batch(max(batch, 2 * self._batch_cap))
+        slots, admitted = self._slots_of(req_ids, sampled, token_ids, requests)
+        rows = int((slots >= 0).sum())
+        nsamp = np.fromiter(map(len, sampled), dtype=np.int32, count=batch)
+        num_tokens = np.asarray(num_tokens)
+        fd, fy = self._trajectory_rows(req_ids, trajectory)
+        verified = kn.sync_batch(
+            self._store, self._meta, self._totals, self._rng, self._jw, self._jl, self._acc,
+            self._dpow, self._floor, self._cfg, self._orders, self._counters, slots, nsamp,
+            num_tokens, token_ids, self._tinfo, fd, fy)
+        if step_seconds is not None and rows == batch and not admitted:
             # Only steps that verified nothing but these chains: a prefill would skew the fit.
             self.cost.observe(rows, rows + verified, step_seconds)
-        self._cut([c for c in chains if c is not None])
-        drafts = []
-        for req_id, chain in zip(req_ids, chains, strict=True):
-            if chain is None:
-                drafts.append([])
-                continue
-            self._issue(self.states[req_id], chain)
-            drafts.append(chain.tokens)
-        if self.stats.steps % _SWEEP_EVERY_STEPS == 0:
+        cut = self.adaptive and rows > 0
+        kn.compose_batch(
+            self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._cfg,
+            self._orders, self._copy_prim, self._pool_prim, self._jac_prim, self._nsmap,
+            self._counters, slots, num_tokens, token_ids, self._out_tok, self._out_len,
+            self._out_reach, self._out_src, self._out_feat, cut,
+            self.cost.predict(rows, rows) if cut else 0.0, self.cost.token_cost if cut else 0.0)
+        chains = self._out_tok[:batch].tolist()
+        drafts = [chain[:n] for chain, n in zip(chains, self._out_len[:batch].tolist(),
+                                                strict=True)]
+        if self._stats.steps % _SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
+        self._enforce_budget()
         return drafts
 
-    def remove(self, req_id: str) -> None:
-        state = self.states.pop(req_id, None)
-        if state is not None:
-            self._share(state)
+    def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
+                  token_ids: np.ndarray, requests: RequestSource) -> tuple[np.ndarray, bool]:
+        """Each row's slot (-1: nothing committed this step), admitting new requests."""
+        slots = []
+        admitted = False
+        states, owner = self.states, requests.owner
+        for row, (req_id, sample) in enumerate(zip(req_ids, sampled, strict=True)):
+            if not sample:
+                # A partial prefill chunk or a discarded sample: nothing was committed.
+                slots.append(-1)
+                continue
+            handle = states.get(req_id)
+            if handle is None or owner(req_id) is not handle.owner:
+                handle = self._admit(row, req_id, token_ids[row], requests)
+                admitted = True
+            slots.append(handle.slot)
+        return np.array(slots, dtype=np.int32), admitted
 
-    def _share(self, state: RequestState) -> None:
-        """A finished request's output joins its namespace's shared corpus."""
-        if state.share:
-            self.shared.add(state.namespace, state.text.tokens[state.num_prompt_tokens:])
+    def _trajectory_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Fill `_tinfo` (base, first, end of each row's drafts in the flat arrays) and return
+        the flat drafts and predictions."""
+        batch = len(req_ids)
+        tinfo = self._tinfo[:batch]
+        if trajectory is None:
+            tinfo[:, 1:] = 0
+            return _NONE, _NONE
+        cu = trajectory.cu_drafts
+        if trajectory.req_ids == req_ids or list(trajectory.req_ids) == list(req_ids):
+            tinfo[:, 0] = trajectory.bases
+            tinfo[:, 1] = cu[:-1]
+            tinfo[:, 2] = cu[1:]
+        else:  # rows the trajectory does not have get no drafts (first == end)
+            where = {rid: i for i, rid in enumerate(trajectory.req_ids)}
+            index = np.array([where.get(rid, -1) for rid in req_ids], dtype=np.int64)
+            found = index >= 0
+            rows = index[found]
+            tinfo[:, 1:] = 0
+            tinfo[found, 0] = np.asarray(trajectory.bases)[rows]
+            tinfo[found, 1] = np.asarray(cu)[rows]
+            tinfo[found, 2] = np.asarray(cu)[rows + 1]
+        if cu[-1] == cu[0]:
+            return _NONE, _NONE
+        drafts, argmax = trajectory.arrays()
+        return (np.ascontiguousarray(drafts, dtype=np.int64),
+                np.ascontiguousarray(argmax, dtype=np.int64))
+
+    # --- requests -------------------------------------------------------------------------
 
     def _admit(self, row: int, req_id: str, tokens: np.ndarray,
-               requests: RequestSource) -> RequestState:
+               requests: RequestSource) -> SlotHandle:
         old = self.states.pop(req_id, None)
         if old is not None:
-            self._share(old)
+            self._release(old)
         info = requests.info(row, req_id)
-        prompt = tokens[:info.num_prompt_tokens].tolist()
+        num_prompt = info.num_prompt_tokens
+        prompt = np.array(tokens[:num_prompt], dtype=np.int32)
         if info.prompt_mask is not None:
-            prompt = [t if real else -1 for t, real in zip(prompt, info.prompt_mask, strict=True)]
+            prompt[~np.asarray(info.prompt_mask, dtype=bool)] = -1
         # The Jacobi window starts from real prompt tokens (LADE's padding), whatever the pool.
-        fill = np.array([t for t in prompt if t >= 0], dtype=np.int64)
+        real = prompt[prompt >= 0].astype(np.int64)
+        stops = np.array(sorted(info.stop_token_ids), dtype=np.int64)
+        fill = real[~np.isin(real, stops)]
+        share = info.options.share and self.cfg.shared_pool_tokens > 0
+        slot = self._new_slot(1)
+        meta = self._meta[slot]
+        meta[kn.M_NPROMPT] = num_prompt
+        meta[kn.M_COMMITTED] = num_prompt
+        meta[kn.M_LAST] = int(tokens[num_prompt - 1])
+        meta[kn.M_BUDGET] = info.options.chain_budget(self.k)
+        meta[kn.M_GREEDY] = int(info.greedy)
+        meta[kn.M_NSID] = self._namespace_id(info.options.namespace) if share else -1
+        meta[kn.M_NFILL] = len(fill)
+        meta[kn.M_NSTOPS] = len(stops)
+        # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
+        self._rng[slot] = (self.cfg.seed * 0x100000001B3 + zlib.crc32(real.tobytes())) & _MASK64
+        kn.set_region(self._store, self._meta, self._totals, slot, kn.R_FILL,
+                      fill.astype(np.int32))
+        kn.set_region(self._store, self._meta, self._totals, slot, kn.R_STOPS,
+                      stops.astype(np.int32))
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
-            prompt = [-1] * len(prompt)
-        state = RequestState(self.cfg, info, prompt, fill, info.options.chain_budget(self.k),
-                             self.acceptance[info.greedy])
-        state.text.extend(prompt)
-        state.num_committed = info.num_prompt_tokens
-        state.last_token = int(tokens[info.num_prompt_tokens - 1])
-        self.states[req_id] = state
-        return state
+            prompt[:] = -1
+        kn.text_extend(self._store, self._meta, self._totals, slot, prompt, 0, num_prompt,
+                       self._orders, len(ORDERS))
+        handle = SlotHandle(slot, info.owner, info.options.namespace, share)
+        self.states[req_id] = handle
+        self._enforce_budget()
+        return handle
 
-    def _sync(self, state: RequestState, tokens: np.ndarray, length: int, num_sampled: int,
-              traj_row: tuple[int, np.ndarray, np.ndarray] | None) -> int:
-        """Bring the state to `length` committed tokens (`tokens` is the source of truth) and
-        learn from the chain verified this step; returns the drafts that were verified."""
-        prev = state.num_committed
-        verified = 0
-        if length < prev or int(tokens[prev - 1]) != state.last_token:
-            # vLLM discarded output (rollback); the guesses refer to tokens that are gone.
-            self.stats.resyncs += 1
-            state.window.reset()
-            self._rebuild_text(state, tokens, length)
-        else:
-            if traj_row is not None and self._is_this_step(tokens, prev, length, num_sampled,
-                                                           traj_row):
-                base, drafts, argmax = traj_row
-                verified = len(drafts)
-                self._learn(state, verified, num_sampled - 1)
-                harvest = state.window.observe(tokens, base, drafts, argmax, num_sampled - 1)
-                state.pool.add(harvest.seq, harvest.starts, harvest.conts)
-                self.stats.trajectory_ngrams += len(harvest.starts)
-            elif length != prev + num_sampled:
-                self.stats.resyncs += 1  # steps were skipped; the committed tokens fill the gap
-            state.text.extend(tokens[prev:length].tolist())
-        state.issued = Chain()
-        state.num_committed = length
-        state.last_token = int(tokens[length - 1])
-        return verified
+    def _namespace_id(self, namespace: str | None) -> int:
+        nsid = self._namespaces.setdefault(namespace, len(self._namespaces))
+        if nsid >= len(self._nsmap):
+            self._nsmap = np.concatenate([self._nsmap, np.full(len(self._nsmap), -1)])
+            self._fixed = None
+        return nsid
 
-    @staticmethod
-    def _rebuild_text(state: RequestState, tokens: np.ndarray, length: int) -> None:
-        state.text = ContextIndex()
-        state.text.extend(state.prompt[:length])
-        state.text.extend(tokens[len(state.text):length].tolist())
+    def remove(self, req_id: str) -> None:
+        handle = self.states.pop(req_id, None)
+        if handle is not None:
+            self._release(handle)
 
-    @staticmethod
-    def _is_this_step(tokens: np.ndarray, prev: int, length: int, num_sampled: int,
-                      traj_row: tuple[int, np.ndarray, np.ndarray]) -> bool:
-        base, drafts, _ = traj_row
-        accepted = num_sampled - 1
-        return (base == prev and length == base + num_sampled and accepted <= len(drafts)
-                and np.array_equal(tokens[base:base + accepted], drafts[:accepted]))
-
-    def _learn(self, state: RequestState, verified: int, accepted: int) -> None:
-        issued = state.issued
-        self.stats.verified_chains += 1
-        self.stats.verified_tokens += verified
-        self.stats.accepted_tokens += accepted
-        for source in issued.sources[:accepted]:
-            self.stats.accepted_by_source[source] += 1
-        state.acceptance.observe(issued.features[:verified], accepted)
-
-    def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> Chain:
-        """The longest chain worth considering (`_cut` shortens it): at each position the token
-        with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens and
-        never past max_model_len."""
-        budget = min(state.budget, self.max_model_len - length - 1)
-        chain = Chain()
-        if budget <= 0:
-            return chain
-        context = tokens[max(0, length - _CONTEXT):length].tolist()
-        guesses = state.window.guesses_from(length).tolist()
-        shared = self.shared.index(state.namespace) if state.share else None
-        run: tuple[Candidate, int] | None = None
-        while len(chain.tokens) < budget:
-            pos = len(chain.tokens)
-            bid = self._best_bid(state, shared, context, guesses[pos] if pos < len(guesses)
-                                 else -1, pos, run)
-            if bid is None:
-                break
-            p, token, source, feat, run = bid
-            chain.push(token, source, feat, p)
-            context.append(token)
-        p_fill = state.acceptance.p(FILL_FEATURE)
-        for token in state.window.random_fill(budget - len(chain.tokens)).tolist():
-            chain.push(token, Source.FILL, FILL_FEATURE, p_fill)
-        state.window.issue(length, chain.tokens)
-        return chain
-
-    def _best_bid(self, state: RequestState, shared: ContextIndex | None, context: list[int],
-                  guess: int, pos: int, run: tuple[Candidate, int] | None,
-                  ) -> tuple[float, int, Source, int, tuple[Candidate, int] | None] | None:
-        """Every source's next token for this context; the token whose evidence (its best
-        source, and how many kinds of source agree on it) prices highest, as
-        `(p, token, source, feature, pool n-gram being continued)`, or None if none bids."""
-        p_of = state.acceptance.p
-        offers: dict[int, list[Any]] = {}  # token -> [p alone, primary, source, kinds, run]
-
-        def offer(token: int, kind: int, source: Source, primary: int,
-                  run_after: tuple[Candidate, int] | None) -> None:
-            p = p_of(feature(primary, 0))
-            current = offers.get(token)
-            if current is None:
-                offers[token] = [p, primary, source, kind, run_after]
-                return
-            current[3] |= kind
-            if p > current[0]:
-                current[0], current[1], current[2], current[4] = p, primary, source, run_after
-
-        match = state.text.match(context)
-        if match is not None:
-            token = state.text.tokens[match.end + 1]
-            source = Source.PROMPT if match.end + 1 < state.num_prompt_tokens else Source.OUTPUT
-            offer(token, _OWN, source, copy_primary(False, match.length, match.consistent), None)
-        if shared is not None and (match := shared.match(context)) is not None:
-            offer(shared.tokens[match.end + 1], _SHARED, Source.SHARED,
-                  copy_primary(True, match.length, match.consistent), None)
-        # A pool n-gram continues where it was chosen, since its tokens were predicted one after
-        # another; fresh n-grams start under the context's last tokens.
-        continued = [run] if run is not None else []
-        for cand, j in [*continued, *((c, 0) for c in state.pool.candidates(context))]:
-            offer(cand.tokens[j], _POOL, Source.TRAJECTORY,
-                  pool_primary(cand.key_len, cand.hits, j),
-                  (cand, j + 1) if j + 1 < len(cand.tokens) else None)
-        if guess >= 0:
-            offer(guess, _JACOBI, Source.JACOBI, jacobi_primary(pos), None)
-        best = None
-        for token, (_, primary, source, kinds, run_after) in offers.items():
-            feat = feature(primary, _KINDS[kinds] - 1)
-            p = p_of(feat)
-            if best is None or p > best[0]:
-                best = (p, token, source, feat, run_after)
-        return best
-
-    def _cut(self, chains: list[Chain]) -> None:
-        if not self.adaptive:
-            return
-        keep = cut_chains([c.reach for c in chains], self.cost)
-        for chain, n in zip(chains, keep, strict=True):
-            self.stats.cut_tokens += len(chain.tokens) - n
-            chain.cut(n)
-
-    def _issue(self, state: RequestState, chain: Chain) -> None:
-        state.issued = chain
-        self.stats.chains += 1
-        self.stats.draft_tokens += len(chain.tokens)
-        for source in chain.sources:
-            self.stats.drafted_by_source[source] += 1
+    def _release(self, handle: SlotHandle) -> None:
+        """A finished request's output joins its namespace's shared corpus; its slot is freed."""
+        if handle.share:
+            meta = self._meta[handle.slot]
+            text = self._store[handle.slot * kn.NREG + kn.R_TEXT]
+            self.shared.add(handle.namespace,
+                            text[meta[kn.M_NPROMPT]:meta[kn.M_TEXT_LEN]].copy())
+        self._free_slot(handle.slot)
 
     def _sweep(self, requests: RequestSource) -> None:
         """Free states vLLM no longer knows, for versions without a removal hook."""
-        for req_id in [r for r, s in self.states.items() if requests.owner(r) is not s.owner]:
+        for req_id in [r for r, h in self.states.items() if requests.owner(r) is not h.owner]:
             self.remove(req_id)
+
+    # --- memory -----------------------------------------------------------------------------
+
+    def nbytes(self) -> int:
+        """Bytes held: every region of the store, the per-slot and per-row arrays, the shared
+        corpus's retained sequences and the acceptance tables."""
+        if self._fixed is None:  # recounted after any of these arrays grew
+            self._fixed = sum(a.nbytes for a in (
+                self._meta, self._rng, self._jw, self._jl, self._out_tok, self._out_len,
+                self._out_reach, self._out_src, self._out_feat, self._tinfo, self._acc,
+                self._nsmap))
+        return int(self._totals[0]) + self._fixed + self.shared.sequence_bytes
+
+    def _enforce_budget(self) -> None:
+        if self.nbytes() <= self.budget_bytes:
+            return
+        self.evictions += 1
+        self.shared.evict_until(lambda: self.nbytes() <= self.budget_bytes)
+        live = [h.slot for h in self.states.values()]
+        for region_bytes, clear in ((self._pool_bytes, self._clear_pool),
+                                    (self._index_bytes, self._clear_index)):
+            for slot in sorted(live, key=region_bytes, reverse=True):
+                if self.nbytes() <= self.budget_bytes or region_bytes(slot) == 0:
+                    break
+                clear(slot)
+
+    def _region_bytes(self, slot: int, regions: Sequence[int]) -> int:
+        return sum(4 * len(self._store[slot * kn.NREG + r]) for r in regions)
+
+    def _pool_bytes(self, slot: int) -> int:
+        return self._region_bytes(slot, (kn.R_PHASH, kn.R_PKEYS, kn.R_PNODES))
+
+    def _index_bytes(self, slot: int) -> int:
+        return self._region_bytes(slot, (kn.R_INDEX,))
+
+    def _clear_pool(self, slot: int) -> None:
+        kn.clear_pool(self._store, self._meta, self._totals, slot)
+
+    def _clear_index(self, slot: int) -> None:
+        kn.clear_index(self._store, self._meta, self._totals, slot, len(ORDERS))
+        self._meta[slot, kn.M_NOINDEX] = 1
+
+    # --- statistics -------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> LookaheadStats:
+        """The counters, brought up to date from the kernels' array on every read."""
+        counters = self._counters.tolist()
+        stats = self._stats
+        for i, name in enumerate(_STAT_FIELDS):
+            setattr(stats, name, counters[i])
+        stats.drafted_by_source = counters[kn.T_DRAFTED:kn.T_DRAFTED + len(Source)]
+        stats.accepted_by_source = counters[kn.T_ACC_SRC:kn.T_ACC_SRC + len(Source)]
+        return stats
 
     def snapshot(self) -> dict[str, Any]:
         d = self.stats.as_dict()
@@ -379,9 +425,85 @@ class LookaheadDrafter:
         d["num_speculative_tokens"] = self.k
         d["adaptive"] = self.adaptive
         d["live_requests"] = len(self.states)
-        d["pool_continuations"] = sum(len(s.pool) for s in self.states.values())
-        d["pool_keys"] = sum(s.pool.num_keys for s in self.states.values())
+        requests = self._meta[:, kn.M_KIND] == 1
+        d["pool_continuations"] = int(self._meta[requests, kn.M_NCONT].sum())
+        d["pool_keys"] = int(self._meta[requests, kn.M_NKEYS].sum())
+        d["pool_bytes"] = self.nbytes()
+        d["memory_budget_bytes"] = self.budget_bytes
+        d["memory_evictions"] = self.evictions
         d["shared_tokens"] = len(self.shared)
         d["token_cost_s"] = self.cost.token_cost
         d["step_cost_fit"] = self.cost.theta.tolist()
         return d
+
+
+class SharedStore:
+    """`context_index.SharedCorpus` over the store: one namespace slot (text and index) per
+    namespace, the oldest sequences dropped past the token budget, a namespace's index rebuilt
+    from what it retains once a quarter of its text is stale (the same schedule as the
+    reference, so that both match the same text)."""
+
+    def __init__(self, drafter: LookaheadDrafter, max_tokens: int) -> None:
+        self._d = drafter
+        self.max_tokens = max_tokens
+        self._slots: dict[str | None, int] = {}
+        self._sequences: dict[str | None, deque[np.ndarray]] = {}
+        self._order: deque[str | None] = deque()
+        self.retained = 0
+
+    def __len__(self) -> int:
+        return self.retained
+
+    @property
+    def sequence_bytes(self) -> int:
+        return 4 * self.retained
+
+    def add(self, namespace: str | None, tokens: np.ndarray) -> None:
+        if not len(tokens) or self.max_tokens <= 0:
+            return
+        seq = np.asarray(tokens[-self.max_tokens:], dtype=np.int32)
+        if namespace not in self._slots:
+            slot = self._d._new_slot(2)
+            self._slots[namespace] = slot
+            self._sequences[namespace] = deque()
+            self._d._nsmap[self._d._namespace_id(namespace)] = slot
+        self._sequences[namespace].append(seq)
+        self._order.append(namespace)
+        self.retained += len(seq) + 1
+        self._extend(self._slots[namespace], seq)
+        stale: set[str | None] = set()
+        while self.retained > self.max_tokens:
+            stale.add(self._drop_oldest())
+        for ns in stale:
+            self._rebuild_if_stale(ns)
+
+    def evict_until(self, done: Any) -> None:
+        """Drop the oldest sequences until `done()` (the memory budget)."""
+        while self._order and not done():
+            self._rebuild_if_stale(self._drop_oldest())
+
+    def _drop_oldest(self) -> str | None:
+        oldest = self._order.popleft()
+        self.retained -= len(self._sequences[oldest].popleft()) + 1
+        return oldest
+
+    def _extend(self, slot: int, seq: np.ndarray) -> None:
+        d = self._d
+        tokens = np.append(seq, np.int32(kn.SEP))
+        kn.text_extend(d._store, d._meta, d._totals, slot, tokens, 0, len(tokens), d._orders,
+                       len(ORDERS))
+
+    def _rebuild_if_stale(self, namespace: str | None) -> None:
+        d = self._d
+        sequences = self._sequences[namespace]
+        kept = sum(len(s) + 1 for s in sequences)
+        slot = self._slots[namespace]
+        if not sequences:
+            del self._slots[namespace], self._sequences[namespace]
+            d._nsmap[d._namespaces[namespace]] = -1
+            d._free_slot(slot)
+        elif d._meta[slot, kn.M_TEXT_LEN] > kept + kept // 4:
+            kn.free_slot(d._store, d._meta, d._totals, slot)
+            d._meta[slot, kn.M_KIND] = 2
+            for seq in sequences:
+                self._extend(slot, seq)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +24,10 @@ class Requests:
         self._infos: dict[str, RequestInfo] = {}
 
     def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
-            prompt_mask: Sequence[bool] | None = None, greedy: bool = True) -> None:
+            prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
+            stop_token_ids: frozenset[int] = frozenset()) -> None:
         mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
-        self._infos[rid] = RequestInfo(object(), prompt_len, frozenset(),
+        self._infos[rid] = RequestInfo(object(), prompt_len, stop_token_ids,
                                        options or RequestOptions(), greedy, mask)
 
     def remove(self, rid: str) -> None:
@@ -44,10 +46,11 @@ class SimulatedEngine:
 
     def __init__(self, cfg: LookaheadConfig, k: int, prompts: Sequence[Sequence[int]],
                  model: NextToken, seed: int = 0, adaptive: bool = False,
-                 max_len: int = 256) -> None:
+                 max_len: int = 256,
+                 drafter: Callable[..., Any] = LookaheadDrafter) -> None:
         self.model = model
         self.max_len = max_len
-        self.drafter = LookaheadDrafter(cfg, k, max_len, adaptive)
+        self.drafter = drafter(cfg, k, max_len, adaptive)
         self.requests = Requests()
         self.rng = random.Random(seed)
         self.tokens: dict[str, list[int]] = {}
@@ -56,10 +59,11 @@ class SimulatedEngine:
             self.add(p)
 
     def add(self, prompt: Sequence[int], options: RequestOptions | None = None,
-            prompt_mask: Sequence[bool] | None = None) -> str:
+            prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
+            stop_token_ids: frozenset[int] = frozenset()) -> str:
         """A new request `req-<n>`; it joins the batch at the next `run`."""
         rid = f"req-{len(self.tokens)}"
-        self.requests.add(rid, len(prompt), options, prompt_mask)
+        self.requests.add(rid, len(prompt), options, prompt_mask, greedy, stop_token_ids)
         self.tokens[rid] = list(prompt)
         self.drafts[rid] = []
         return rid

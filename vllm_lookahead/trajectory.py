@@ -22,6 +22,12 @@ class StepTrajectory:
     _arrays: tuple[np.ndarray, np.ndarray] | None = None
     _rows: dict[str, int] | None = None
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The flat `(drafts, argmax)`, resolved once."""
+        if self._arrays is None:
+            self._arrays = self.resolve()
+        return self._arrays
+
     def row(self, req_id: str) -> tuple[int, np.ndarray, np.ndarray] | None:
         """`(base, drafts, argmax)` of a request, or None if it had no drafts this step."""
         if self._rows is None:
@@ -32,7 +38,5 @@ class StepTrajectory:
         lo, hi = int(self.cu_drafts[i]), int(self.cu_drafts[i + 1])
         if lo == hi:
             return None
-        if self._arrays is None:
-            self._arrays = self.resolve()
-        drafts, argmax = self._arrays
+        drafts, argmax = self.arrays()
         return int(self.bases[i]), drafts[lo:hi], argmax[lo:hi]

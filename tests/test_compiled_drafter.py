@@ -1,0 +1,178 @@
+"""The compiled drafter against the reference: the same random traffic through the simulated engine
+drives both (`Twin` hands every call to each), and every step's chains must be identical, as must
+the statistics. Traffic: arrivals and finishes, rollbacks, skipped proposals, chains the scheduler
+cut short, per-request options and namespaces, prompt masks, stop tokens, greedy and sampled
+requests, adaptive chains with deterministic step times."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_lookahead.config import LookaheadConfig, RequestOptions
+from vllm_lookahead.drafter import LookaheadDrafter
+from vllm_lookahead.reference_drafter import ReferenceDrafter
+from vllm_lookahead.simulation import SimulatedEngine
+
+VOCAB = 24
+
+
+class Twin:
+    """Both drafters behind one interface; `draft_batch` checks that they agree."""
+
+    def __init__(self, cfg, k, max_len, adaptive):
+        self.ref = ReferenceDrafter(cfg, k, max_len, adaptive)
+        self.new = LookaheadDrafter(cfg, k, max_len, adaptive)
+        self.calls = 0
+
+    def draft_batch(self, req_ids, sampled, num_tokens, token_ids, trajectory, requests,
+                    step_seconds=None):
+        self.calls += 1
+        rows = sum(1 for s in sampled if s)
+        # Deterministic step times that vary with the load, so the cost model moves.
+        seconds = 0.02 + 0.004 * rows + 0.001 * (self.calls % 7)
+        want = self.ref.draft_batch(req_ids, sampled, num_tokens, token_ids, trajectory,
+                                    requests, seconds)
+        got = self.new.draft_batch(req_ids, sampled, num_tokens, token_ids, trajectory,
+                                   requests, seconds)
+        assert got == want, f"call {self.calls}: chains differ"
+        assert self.new.stats.as_dict() == self.ref.stats.as_dict()
+        return got
+
+    def remove(self, req_id):
+        self.ref.remove(req_id)
+        self.new.remove(req_id)
+        assert set(self.new.states) == set(self.ref.states)
+
+
+def toy_model(seed):
+    """Next token from the last two; most contexts continue a short cycle, so text repeats."""
+    rng = random.Random(seed)
+    table = {}
+
+    def model(tokens):
+        key = (tokens[-2] if len(tokens) > 1 else 0, tokens[-1])
+        if key not in table:
+            table[key] = (tokens[-1] * 5 + 3) % 9 if rng.random() < 0.7 else rng.randrange(VOCAB)
+        return table[key]
+
+    return model
+
+
+def random_options(rng):
+    roll = rng.random()
+    if roll < 0.1:
+        return RequestOptions(enabled=False)
+    if roll < 0.2:
+        return RequestOptions(num_speculative_tokens=rng.randint(0, 5))
+    if roll < 0.35:
+        return RequestOptions(namespace=rng.choice(["a", "b"]))
+    if roll < 0.45:
+        return RequestOptions(share=False)
+    return None
+
+
+def add_request(eng, rng):
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
+    mask = None
+    if rng.random() < 0.15 and len(prompt) > 2:
+        cut = rng.randint(1, len(prompt) - 1)
+        mask = [i >= cut for i in range(len(prompt))]
+    stops = frozenset(rng.sample(range(VOCAB), 2)) if rng.random() < 0.3 else frozenset()
+    return eng.add(prompt, random_options(rng), mask, greedy=rng.random() < 0.7,
+                   stop_token_ids=stops)
+
+
+def drive(seed, cfg, k, adaptive, steps=60):
+    rng = random.Random(seed)
+    eng = SimulatedEngine(cfg, k, [], toy_model(seed), seed=seed, adaptive=adaptive,
+                          max_len=160, drafter=Twin)
+    live = [add_request(eng, rng) for _ in range(rng.randint(1, 4))]
+    for _ in range(steps):
+        roll = rng.random()
+        if roll < 0.08 and live:
+            rid = live.pop(rng.randrange(len(live)))
+            eng.finish(rid)
+        if roll > 0.85 or not live:
+            live.append(add_request(eng, rng))
+        live = [r for r in live if len(eng.tokens[r]) < eng.max_len - 2]
+        if not live:
+            continue
+        batch = rng.sample(live, rng.randint(1, len(live)))
+        for rid in batch:
+            if rng.random() < 0.1:
+                eng.drafts[rid] = eng.drafts[rid][:rng.randint(0, len(eng.drafts[rid]))]
+            if rng.random() < 0.03 and len(eng.tokens[rid]) > 45:
+                del eng.tokens[rid][-rng.randint(1, 3):]  # vLLM discarded output
+                eng.drafts[rid] = []
+        eng.step(batch, propose=rng.random() > 0.05)
+    return eng.drafter
+
+
+CONFIGS = [
+    (LookaheadConfig(), 7),
+    (LookaheadConfig(ngram_size=3, guess_set_size=2, max_key_len=1), 5),
+    (LookaheadConfig(ngram_size=5, guess_set_size=3, max_key_len=3, shared_pool_tokens=60), 9),
+    (LookaheadConfig(ngram_size=2, max_key_len=1, pool_from_prompt=False, seed=3), 4),
+]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_identical_chains_under_random_traffic(config, adaptive):
+    cfg, k = CONFIGS[config]
+    for seed in range(3):
+        twin = drive(seed * 11 + config, cfg, k, adaptive)
+        assert twin.calls > 20
+        assert twin.new.stats.accepted_tokens > 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 6), g=st.integers(1, 4),
+       mkl=st.integers(1, 3), w=st.integers(0, 4), adaptive=st.booleans())
+def test_identical_chains_hypothesis(seed, n, g, mkl, w, adaptive):
+    cfg = LookaheadConfig(ngram_size=n, window_size=w, guess_set_size=g, max_key_len=mkl,
+                          shared_pool_tokens=80)
+    drive(seed, cfg, n - 1 + w if n - 1 + w > 0 else 1, adaptive, steps=40)
+
+
+def test_long_prompt_index_matches_the_reference():
+    """A repetitive 3000-token prompt: matches at every order, many inconsistent keys."""
+    rng = random.Random(1)
+    phrase = [rng.randrange(50) for _ in range(40)]
+    prompt = [t if rng.random() > 0.05 else rng.randrange(50) for t in phrase * 75]
+    eng = SimulatedEngine(LookaheadConfig(), 7, [prompt], toy_model(4), max_len=3200,
+                          drafter=Twin)
+    eng.run(40)
+
+
+def test_memory_is_reported_and_the_budget_holds():
+    cfg = LookaheadConfig(memory_budget_mib=1)
+    eng = SimulatedEngine(cfg, 7, [], toy_model(2), max_len=8192)
+    rng = random.Random(0)
+    for _ in range(8):
+        eng.add([rng.randrange(1000) for _ in range(4000)])
+    for _ in range(30):
+        eng.step(list(eng.tokens))
+        assert eng.drafter.nbytes() <= 1 << 20
+    snapshot = eng.drafter.snapshot()
+    assert snapshot["memory_evictions"] > 0
+    assert 0 < snapshot["pool_bytes"] <= snapshot["memory_budget_bytes"]
+
+
+def test_the_compiled_cost_model_fits_bit_for_bit_alike():
+    from vllm_lookahead.estimator import CostModel, cost_observe_compiled
+
+    plain, compiled = CostModel((0.04, 0.008, 0.003)), CostModel((0.04, 0.008, 0.003))
+    compiled.use_compiled(cost_observe_compiled)
+    rng = random.Random(3)
+    for _ in range(500):
+        rows = rng.randint(1, 64)
+        args = (rows, rows + rng.randint(0, 7 * rows), rng.uniform(0.01, 0.5))
+        plain.observe(*args)
+        compiled.observe(*args)
+        assert plain.theta.tolist() == compiled.theta.tolist()
+    assert plain.observations == compiled.observations > 400
