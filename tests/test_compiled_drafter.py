@@ -164,15 +164,15 @@ def test_memory_is_reported_and_the_budget_holds():
 
 
 def test_the_compiled_cost_model_fits_bit_for_bit_alike():
-    from vllm_lookahead.estimator import CostModel, cost_observe_compiled
+    from vllm_lookahead.estimator import CostModel
+    from vllm_lookahead.kernels import cost_observe_compiled
 
     plain, compiled = CostModel((0.04, 0.008, 0.003)), CostModel((0.04, 0.008, 0.003))
-    compiled.use_compiled(cost_observe_compiled)
     rng = random.Random(3)
     for _ in range(500):
         rows = rng.randint(1, 64)
-        args = (rows, rows + rng.randint(0, 7 * rows), rng.uniform(0.01, 0.5))
+        args = (float(rows), float(rows + rng.randint(0, 7 * rows)), rng.uniform(0.01, 0.5))
         plain.observe(*args)
-        compiled.observe(*args)
+        cost_observe_compiled(compiled.state, *args)
         assert plain.theta.tolist() == compiled.theta.tolist()
     assert plain.observations == compiled.observations > 400

@@ -36,7 +36,6 @@ from vllm_lookahead.estimator import (
     CostModel,
     Source,
     copy_primary,
-    cost_observe_compiled,
     jacobi_primary,
     pool_primary,
 )
@@ -94,18 +93,18 @@ class LookaheadDrafter:
         self.states: dict[str, SlotHandle] = {}
         self._stats = LookaheadStats()
         self._counters = np.zeros(kn.T_FIELDS, dtype=np.int64)
+        self._cost_prior = step_cost_prior
         self.cost = CostModel(step_cost_prior)
-        self.cost.use_compiled(cost_observe_compiled)
         self.budget_bytes = cfg.memory_budget_mib << 20
         self.evictions = 0
         self._init_acceptance()
         self._init_tables()
-        self._totals = np.zeros(1, dtype=np.int64)
         self._slots_cap = 0
         self._free: list[int] = []
         self._store = kn.new_store(0)
         self._grow_slots(16)
         self._batch_cap = 0
+        self._none_index = np.full(16, -1, dtype=np.int64)
         self._grow_batch(16)
         self._namespaces: dict[str | None, int] = {}
         self._nsmap = np.full(8, -1, dtype=np.int64)
@@ -121,33 +120,38 @@ class LookaheadDrafter:
                               for m in models], axis=1).astype(np.float64)
         # The same powers the reference computes (`decay ** len(touched)`), so that no pow()
         # implementation of the compiled code can differ in the last bit.
-        self._dpow = np.array([models[0]._decay ** n for n in range(self.k + 2)])
-        self._floor = float(models[0]._floor)
+        self._fl = np.array([float(models[0]._floor),
+                             *(models[0]._decay ** n for n in range(self.k + 2))])
         self.acceptance = {True: AcceptanceView(self._acc, 1),
                            False: AcceptanceView(self._acc, 0)}
 
     def _init_tables(self) -> None:
+        """`kernels.step`'s integer parameters: the configuration, the orders and the primary
+        feature of every kind of evidence, from the estimator's own functions."""
         cfg, k = self.cfg, self.k
         c, mkl = cfg.ngram_size - 1, cfg.max_key_len
-        self._orders = np.array(ORDERS, dtype=np.int64)
-        self._cfg = np.zeros(kn.C_FIELDS, dtype=np.int64)
-        self._cfg[[kn.C_K, kn.C_CONT, kn.C_MKL, kn.C_G, kn.C_LIN, kn.C_MAXLEN, kn.C_SUPPORT,
-                   kn.C_FILLFEAT, kn.C_NORD, kn.C_HITS]] = (
-            k, c, mkl, cfg.guess_set_size, c - 1 + mkl - 1, self.max_model_len, SUPPORT_LEVELS,
-            FILL_FEATURE, len(ORDERS), _HITS_TABLE)
-        self._copy_prim = np.array([[[copy_primary(shared, order, consistent)
-                                      for consistent in (False, True)] for order in ORDERS]
-                                    for shared in (False, True)], dtype=np.int64)
-        self._pool_prim = np.zeros((mkl + 1, _HITS_TABLE + 1, c), dtype=np.int64)
-        for key_len in range(1, mkl + 1):
-            for hits in range(1, _HITS_TABLE + 1):
-                for j in range(c):
-                    self._pool_prim[key_len, hits, j] = pool_primary(key_len, hits, j)
+        copy = [copy_primary(shared, order, consistent) for shared in (False, True)
+                for order in (*ORDERS, *[0] * (kn.NORD_MAX - len(ORDERS)))
+                for consistent in (False, True)]
+        jacobi = [jacobi_primary(pos) for pos in range(k + 1)]
+        pool = [pool_primary(max(key_len, 1), max(hits, 1), j) for key_len in range(mkl + 1)
+                for hits in range(_HITS_TABLE + 1) for j in range(c)]
         assert POOL_HITS <= _HITS_TABLE
-        self._jac_prim = np.array([jacobi_primary(pos) for pos in range(k + 1)], dtype=np.int64)
+        header = [0] * kn.C_FIELDS
+        for field, value in ((kn.C_K, k), (kn.C_CONT, c), (kn.C_MKL, mkl),
+                             (kn.C_G, cfg.guess_set_size), (kn.C_LIN, c - 1 + mkl - 1),
+                             (kn.C_MAXLEN, self.max_model_len), (kn.C_SUPPORT, SUPPORT_LEVELS),
+                             (kn.C_FILLFEAT, FILL_FEATURE), (kn.C_NORD, len(ORDERS)),
+                             (kn.C_HITS, _HITS_TABLE),
+                             (kn.C_TPOOL, kn.T_JAC + len(jacobi))):
+            header[field] = value
+        orders = [*ORDERS, *[0] * (kn.NORD_MAX - len(ORDERS))]
+        self._tabs = np.array([*header, *orders, *copy, *jacobi, *pool], dtype=np.int64)
+        self._grid = np.empty((k + 1, c + mkl), dtype=np.int64)
+        self._flags = 0
 
     def _grow_slots(self, capacity: int) -> None:
-        k, lin = self.k, self._cfg[kn.C_LIN]
+        k, lin = self.k, int(self._tabs[kn.C_LIN])
         old = self._slots_cap
         fresh = {
             "_meta": np.zeros((capacity, kn.M_FIELDS), dtype=np.int64),
@@ -167,12 +171,11 @@ class LookaheadDrafter:
 
     def _grow_batch(self, rows: int) -> None:
         k = self.k
-        self._out_tok = np.zeros((rows, k), dtype=np.int32)
+        self._out = np.zeros((3, rows, k), dtype=np.int32)  # tokens, sources, features
         self._out_len = np.zeros(rows, dtype=np.int32)
         self._out_reach = np.zeros((rows, k), dtype=np.float64)
-        self._out_src = np.zeros((rows, k), dtype=np.int32)
-        self._out_feat = np.zeros((rows, k), dtype=np.int32)
-        self._tinfo = np.zeros((rows, 3), dtype=np.int64)
+        self._rowsin = np.zeros((2, rows), dtype=np.int32)
+        self._arange = np.arange(rows, dtype=np.int64)
         self._batch_cap = rows
         self._fixed = None
 
@@ -187,7 +190,7 @@ class LookaheadDrafter:
         return slot
 
     def _free_slot(self, slot: int) -> None:
-        kn.free_slot(self._store, self._meta, self._totals, slot)
+        kn.free_slot(self._store, self._meta, self._counters, slot)
         self._free.append(slot)
 
     def warm_up(self) -> None:
@@ -202,13 +205,14 @@ class LookaheadDrafter:
             traj = StepTrajectory(["warm-up"], np.array([3]), np.array([0, 1]),
                                   lambda: (np.array([1]), np.array([1])))
             self.draft_batch(["warm-up"], [[1]], np.array([3]), tokens.astype(dtype), None,
-                             requests)
+                             requests, 0.01)
             self.draft_batch(["warm-up"], [[1, 2]], np.array([5]), tokens.astype(dtype), traj,
-                             requests)
+                             requests, 0.01)
             self.remove("warm-up")
-        self._counters[:] = 0
+        self._counters[:kn.T_TOTAL] = 0
         self._stats = LookaheadStats()
         self._init_acceptance()
+        self.cost = CostModel(self._cost_prior)
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -222,27 +226,19 @@ class LookaheadDrafter:
         batch = len(req_ids)
         if batch > self._batch_cap:
             self._grow_batch(max(batch, 2 * self._batch_cap))
-        slots, admitted = self._slots_of(req_ids, sampled, token_ids, requests)
-        rows = int((slots >= 0).sum())
-        nsamp = np.fromiter(map(len, sampled), dtype=np.int32, count=batch)
-        num_tokens = np.asarray(num_tokens)
-        fd, fy = self._trajectory_rows(req_ids, trajectory)
-        verified = kn.sync_batch(
-            self._store, self._meta, self._totals, self._rng, self._jw, self._jl, self._acc,
-            self._dpow, self._floor, self._cfg, self._orders, self._counters, slots, nsamp,
-            num_tokens, token_ids, self._tinfo, fd, fy)
-        if step_seconds is not None and rows == batch and not admitted:
-            # Only steps that verified nothing but these chains: a prefill would skew the fit.
-            self.cost.observe(rows, rows + verified, step_seconds)
-        cut = self.adaptive and rows > 0
-        kn.compose_batch(
-            self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._cfg,
-            self._orders, self._copy_prim, self._pool_prim, self._jac_prim, self._nsmap,
-            self._counters, slots, num_tokens, token_ids, self._out_tok, self._out_len,
-            self._out_reach, self._out_src, self._out_feat, cut,
-            self.cost.predict(rows, rows) if cut else 0.0, self.cost.token_cost if cut else 0.0)
-        chains = self._out_tok[:batch].tolist()
-        drafts = [chain[:n] for chain, n in zip(chains, self._out_len[:batch].tolist(),
+        rowsin = self._rowsin[:, :batch]
+        admitted = self._slots_of(req_ids, sampled, token_ids, requests, rowsin)
+        tb, tcu, tidx, fd, fy = self._trajectory_rows(req_ids, trajectory)
+        # The step time counts only for steps that verified nothing but these chains.
+        observe = step_seconds is not None and not admitted and (
+            batch == 0 or bool(rowsin[0].min() >= 0))
+        kn.step(self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._fl,
+                self.cost.state, self._tabs, self._nsmap, self._counters, rowsin, num_tokens,
+                token_ids, tb, tcu, tidx, fd, fy, self._out, self._out_len, self._out_reach,
+                self._grid, int(observe) | (2 if self.adaptive else 0),
+                step_seconds if observe else 0.0)
+        lengths = self._out_len[:batch].tolist()
+        drafts = [chain[:n] for chain, n in zip(self._out[0, :batch].tolist(), lengths,
                                                 strict=True)]
         if self._stats.steps % _SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
@@ -250,8 +246,9 @@ class LookaheadDrafter:
         return drafts
 
     def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
-                  token_ids: np.ndarray, requests: RequestSource) -> tuple[np.ndarray, bool]:
-        """Each row's slot (-1: nothing committed this step), admitting new requests."""
+                  token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray) -> bool:
+        """Each row's slot (-1: nothing committed this step) and sample count into `rowsin`,
+        admitting new requests; returns whether any was admitted."""
         slots = []
         admitted = False
         states, owner = self.states, requests.owner
@@ -265,36 +262,34 @@ class LookaheadDrafter:
                 handle = self._admit(row, req_id, token_ids[row], requests)
                 admitted = True
             slots.append(handle.slot)
-        return np.array(slots, dtype=np.int32), admitted
+        rowsin[0] = slots
+        rowsin[1] = [len(sample) for sample in sampled]
+        return admitted
 
     def _trajectory_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        """Fill `_tinfo` (base, first, end of each row's drafts in the flat arrays) and return
-        the flat drafts and predictions."""
+                         ) -> tuple[np.ndarray, ...]:
+        """The trajectory's bases, draft offsets, each row's index in it (-1: none) and the
+        flat drafts and predictions, for `kernels.step`."""
         batch = len(req_ids)
-        tinfo = self._tinfo[:batch]
         if trajectory is None:
-            tinfo[:, 1:] = 0
-            return _NONE, _NONE
-        cu = trajectory.cu_drafts
+            return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
+        cu = np.asarray(trajectory.cu_drafts, dtype=np.int64)
+        if cu[-1] == cu[0]:  # no row has drafts
+            return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
         if trajectory.req_ids == req_ids or list(trajectory.req_ids) == list(req_ids):
-            tinfo[:, 0] = trajectory.bases
-            tinfo[:, 1] = cu[:-1]
-            tinfo[:, 2] = cu[1:]
-        else:  # rows the trajectory does not have get no drafts (first == end)
+            index = self._arange[:batch]
+        else:
             where = {rid: i for i, rid in enumerate(trajectory.req_ids)}
             index = np.array([where.get(rid, -1) for rid in req_ids], dtype=np.int64)
-            found = index >= 0
-            rows = index[found]
-            tinfo[:, 1:] = 0
-            tinfo[found, 0] = np.asarray(trajectory.bases)[rows]
-            tinfo[found, 1] = np.asarray(cu)[rows]
-            tinfo[found, 2] = np.asarray(cu)[rows + 1]
-        if cu[-1] == cu[0]:
-            return _NONE, _NONE
         drafts, argmax = trajectory.arrays()
-        return (np.ascontiguousarray(drafts, dtype=np.int64),
+        return (np.asarray(trajectory.bases, dtype=np.int64), cu, index,
+                np.ascontiguousarray(drafts, dtype=np.int64),
                 np.ascontiguousarray(argmax, dtype=np.int64))
+
+    def _minus_one(self, batch: int) -> np.ndarray:
+        if len(self._none_index) < batch:
+            self._none_index = np.full(self._batch_cap, -1, dtype=np.int64)
+        return self._none_index[:batch]
 
     # --- requests -------------------------------------------------------------------------
 
@@ -325,15 +320,14 @@ class LookaheadDrafter:
         meta[kn.M_NSTOPS] = len(stops)
         # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
         self._rng[slot] = (self.cfg.seed * 0x100000001B3 + zlib.crc32(real.tobytes())) & _MASK64
-        kn.set_region(self._store, self._meta, self._totals, slot, kn.R_FILL,
+        kn.set_region(self._store, self._meta, self._counters, slot, kn.R_FILL,
                       fill.astype(np.int32))
-        kn.set_region(self._store, self._meta, self._totals, slot, kn.R_STOPS,
+        kn.set_region(self._store, self._meta, self._counters, slot, kn.R_STOPS,
                       stops.astype(np.int32))
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt[:] = -1
-        kn.text_extend(self._store, self._meta, self._totals, slot, prompt, 0, num_prompt,
-                       self._orders, len(ORDERS))
+        kn.extend_text(self._store, self._meta, self._counters, slot, prompt, self._tabs)
         handle = SlotHandle(slot, info.owner, info.options.namespace, share)
         self.states[req_id] = handle
         self._enforce_budget()
@@ -372,10 +366,10 @@ class LookaheadDrafter:
         corpus's retained sequences and the acceptance tables."""
         if self._fixed is None:  # recounted after any of these arrays grew
             self._fixed = sum(a.nbytes for a in (
-                self._meta, self._rng, self._jw, self._jl, self._out_tok, self._out_len,
-                self._out_reach, self._out_src, self._out_feat, self._tinfo, self._acc,
-                self._nsmap))
-        return int(self._totals[0]) + self._fixed + self.shared.sequence_bytes
+                self._meta, self._rng, self._jw, self._jl, self._out, self._out_len,
+                self._out_reach, self._rowsin, self._arange, self._none_index, self._acc,
+                self._nsmap, self._tabs, self._grid))
+        return int(self._counters[kn.T_TOTAL]) + self._fixed + self.shared.sequence_bytes
 
     def _enforce_budget(self) -> None:
         if self.nbytes() <= self.budget_bytes:
@@ -400,10 +394,10 @@ class LookaheadDrafter:
         return self._region_bytes(slot, (kn.R_INDEX,))
 
     def _clear_pool(self, slot: int) -> None:
-        kn.clear_pool(self._store, self._meta, self._totals, slot)
+        kn.clear_pool(self._store, self._meta, self._counters, slot)
 
     def _clear_index(self, slot: int) -> None:
-        kn.clear_index(self._store, self._meta, self._totals, slot, len(ORDERS))
+        kn.clear_index(self._store, self._meta, self._counters, slot, self._tabs)
         self._meta[slot, kn.M_NOINDEX] = 1
 
     # --- statistics -------------------------------------------------------------------------
@@ -489,9 +483,8 @@ class SharedStore:
 
     def _extend(self, slot: int, seq: np.ndarray) -> None:
         d = self._d
-        tokens = np.append(seq, np.int32(kn.SEP))
-        kn.text_extend(d._store, d._meta, d._totals, slot, tokens, 0, len(tokens), d._orders,
-                       len(ORDERS))
+        kn.extend_text(d._store, d._meta, d._counters, slot, np.append(seq, np.int32(kn.SEP)),
+                       d._tabs)
 
     def _rebuild_if_stale(self, namespace: str | None) -> None:
         d = self._d
@@ -503,7 +496,7 @@ class SharedStore:
             d._nsmap[d._namespaces[namespace]] = -1
             d._free_slot(slot)
         elif d._meta[slot, kn.M_TEXT_LEN] > kept + kept // 4:
-            kn.free_slot(d._store, d._meta, d._totals, slot)
+            kn.free_slot(d._store, d._meta, d._counters, slot)
             d._meta[slot, kn.M_KIND] = 2
             for seq in sequences:
                 self._extend(slot, seq)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
-from numba.extending import register_jitable
+
+from vllm_lookahead import kernels
 
 
 class Source(enum.IntEnum):
@@ -163,113 +163,37 @@ class CostModel:
     far (negative costs, a step's worth per token); the prior keeps it sane until the data speak
     clearly, and the scale keeps the prior meaningful for any model size and device.
 
-    The arithmetic is scalar, in one float64 state array (`cost_observe`), so that the compiled
-    drafter runs the very same operations compiled (`use_compiled`) and both fit bit for bit
-    alike; numpy's 3x3 solve took 50 µs a step.
+    The arithmetic (`kernels.cost_observe`) is scalar, on one float64 state array, so that the
+    compiled drafter runs the very same operations inside its step and both fit bit for bit
+    alike (numpy's 3x3 solve also took 50 µs a step).
     """
 
     def __init__(self, prior: tuple[float, float, float], half_life: float = 200.0,
                  prior_steps: float = 50.0) -> None:
-        self._state = np.zeros(_COST_FIELDS)
-        self._state[_SHAPE:_SHAPE + 3] = prior
-        self._state[_THETA:_THETA + 3] = prior
-        self._state[_DECAY] = 0.5 ** (1 / half_life)
-        self._state[_PRIOR_STEPS] = prior_steps
-        self._observe = cost_observe
-
-    def use_compiled(self, observe: Callable[[np.ndarray, float, float, float], None]) -> None:
-        """Run `observe` (the compiled `cost_observe`) instead of the Python one."""
-        self._observe = observe
+        self.state = np.zeros(kernels.CS_FIELDS)
+        self.state[kernels.CS_SHAPE:kernels.CS_SHAPE + 3] = prior
+        self.state[kernels.CS_THETA:kernels.CS_THETA + 3] = prior
+        self.state[kernels.CS_DECAY] = 0.5 ** (1 / half_life)
+        self.state[kernels.CS_PRIOR_STEPS] = prior_steps
 
     @property
     def theta(self) -> np.ndarray:
         """(a, b, c), a view: writing it sets the fit."""
-        return self._state[_THETA:_THETA + 3]
+        return self.state[kernels.CS_THETA:kernels.CS_THETA + 3]
 
     @property
     def observations(self) -> int:
-        return int(self._state[_OBSERVATIONS])
+        return int(self.state[kernels.CS_OBSERVATIONS])
 
     @property
     def token_cost(self) -> float:
-        return float(self._state[_THETA + 2])
+        return float(self.state[kernels.CS_THETA + 2])
 
     def predict(self, rows: int, tokens: int) -> float:
-        return cost_predict(self._state, float(rows), float(tokens))
+        return float(kernels.cost_predict(self.state, float(rows), float(tokens)))
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
-        self._observe(self._state, float(rows), float(tokens), float(seconds))
-
-
-# CostModel's state: decayed sums x·xᵀ (3x3) and x·y, the scale fit, theta, the prior shape.
-_XX, _XY, _SF, _THETA, _SHAPE = 0, 9, 12, 14, 17
-_DECAY, _PRIOR_STEPS, _OBSERVATIONS = 20, 21, 22
-_COST_FIELDS = 23
-
-
-@register_jitable
-def cost_predict(st: np.ndarray, rows: float, tokens: float) -> float:
-    return max(st[_THETA] + st[_THETA + 1] * rows + st[_THETA + 2] * tokens, 1e-9)
-
-
-@register_jitable
-def cost_observe(st: np.ndarray, rows: float, tokens: float, seconds: float) -> None:
-    """One step's time: update the decayed statistics and refit. Scalar operations only, in a
-    fixed order, so that Python and numba compute the same bits."""
-    # One pause (a client gone quiet, a GC, a busy machine) must not teach the model that
-    # tokens are dear.
-    if st[_OBSERVATIONS] >= 10 and seconds > 3 * cost_predict(st, rows, tokens):
-        return
-    d = st[_DECAY]
-    x = (1.0, rows, tokens)
-    for i in range(3):
-        for j in range(3):
-            st[_XX + 3 * i + j] = d * st[_XX + 3 * i + j] + x[i] * x[j]
-        st[_XY + i] = d * st[_XY + i] + x[i] * seconds
-    shaped = st[_SHAPE] + rows * st[_SHAPE + 1] + tokens * st[_SHAPE + 2]
-    st[_SF] = d * st[_SF] + seconds * shaped
-    st[_SF + 1] = d * st[_SF + 1] + shaped * shaped
-    st[_OBSERVATIONS] += 1.0
-    _cost_refit(st)
-
-
-@register_jitable
-def _cost_refit(st: np.ndarray) -> None:
-    scale = st[_SF] / st[_SF + 1]
-    xx00 = st[_XX]
-    # As strong as `prior_steps` typical steps, per parameter.
-    weight = st[_PRIOR_STEPS] * min(1.0, xx00)
-    a = np.empty((3, 4))
-    for i in range(3):
-        prior_i = st[_SHAPE + i] * scale
-        ridge = weight * (st[_XX + 4 * i] / max(xx00, 1e-9))
-        for j in range(3):
-            a[i, j] = st[_XX + 3 * i + j]
-        a[i, i] += ridge
-        a[i, 3] = st[_XY + i] + ridge * prior_i
-    # Gaussian elimination: the matrix is symmetric positive definite, no pivoting needed.
-    for i in range(3):
-        for r in range(i + 1, 3):
-            f = a[r, i] / a[i, i]
-            for j in range(i, 4):
-                a[r, j] -= f * a[i, j]
-    theta = np.empty(3)
-    for i in range(2, -1, -1):
-        acc = a[i, 3]
-        for j in range(i + 1, 3):
-            acc -= a[i, j] * theta[j]
-        theta[i] = acc / a[i, i]
-    # Costs are positive, and a verified token costs no more than two rows do by the prior
-    # (a row is a token plus its sampling and bookkeeping).
-    for i in range(3):
-        st[_THETA + i] = max(theta[i], 0.02 * st[_SHAPE + i] * scale)
-    cap = 2 * (st[_SHAPE + 1] * scale + st[_SHAPE + 2] * scale)
-    st[_THETA + 2] = min(st[_THETA + 2], cap)
-
-
-# Compiled here, not in kernels.py: numba's cache is invalidated by the file that defines the
-# function, so an edit to the cost model above recompiles it.
-cost_observe_compiled = njit(cache=True)(cost_observe)
+        kernels.cost_observe(self.state, float(rows), float(tokens), float(seconds))
 
 
 def cut_chains(probs: Sequence[Sequence[float]], cost: CostModel) -> list[int]:

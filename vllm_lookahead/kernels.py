@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, types
+from numba.extending import register_jitable
 from numba.typed import List
 
 SEP = -1
@@ -80,7 +81,7 @@ J_FEAT = 3
 J_LINEAGE = 0
 J_ISSUED = 1
 
-# cfg[] fields.
+# tabs[]: cfg fields, then the orders, then the feature tables (primary feature by evidence).
 C_K = 0
 C_CONT = 1  # N-1
 C_MKL = 2
@@ -91,7 +92,11 @@ C_SUPPORT = 6  # SUPPORT_LEVELS
 C_FILLFEAT = 7
 C_NORD = 8
 C_HITS = 9  # rows of the pool feature table - 1 (hits clamp)
-C_FIELDS = 10
+C_TPOOL = 10  # where the pool feature table starts
+C_FIELDS = 11
+T_ORD = C_FIELDS  # the orders (NORD_MAX entries)
+T_COPY = T_ORD + NORD_MAX  # copy_primary[shared][order index][consistent]
+T_JAC = T_COPY + 4 * NORD_MAX  # jacobi_primary[position], K+1 entries; the pool table follows
 
 # Sources (estimator.Source) and kinds of source (bits).
 S_PROMPT, S_OUTPUT, S_SHARED, S_TRAJ, S_JACOBI, S_FILL = 0, 1, 2, 3, 4, 5
@@ -108,9 +113,13 @@ T_NGRAMS = 6
 T_RESYNCS = 7
 T_DRAFTED = 8  # .. + 6 by source
 T_ACC_SRC = 14  # .. + 6 by source
-T_FIELDS = 20
+T_TOTAL = 20  # bytes held by every region of the store
+T_FIELDS = 21
 
-_U1 = np.uint64(1)
+# fl[]: the acceptance model's floor, then the decay's powers (fl[F_DPOW + n] = decay ** n).
+F_FLOOR = 0
+F_DPOW = 1
+
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 _KEYLEN_MIX = np.uint64(0x94D049BB133111EB)
 
@@ -144,7 +153,7 @@ def _bucket(h, bits):
     return np.int64(h >> np.uint64(64 - bits))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _suffix_hashes(buf, end, n, out):
     """out[m]: hash of buf[end-m .. end] (m+1 tokens), for m < n."""
     h = np.uint64(0)
@@ -163,7 +172,7 @@ def _alloc(store, meta, totals, s, r, n):
     new = np.zeros(n, dtype=np.int32)
     delta = 4 * (n - old.shape[0])
     meta[s, M_BYTES] += delta
-    totals[0] += delta
+    totals[T_TOTAL] += delta
     store[s * NREG + r] = new
     return new
 
@@ -185,7 +194,7 @@ def _grow(store, meta, totals, s, r, need):
 @njit(cache=True)
 def free_slot(store, meta, totals, s):
     for r in range(NREG):
-        totals[0] -= 4 * store[s * NREG + r].shape[0]
+        totals[T_TOTAL] -= 4 * store[s * NREG + r].shape[0]
         store[s * NREG + r] = np.zeros(0, dtype=np.int32)
     meta[s, :] = 0
 
@@ -200,7 +209,7 @@ def set_region(store, meta, totals, s, r, values):
 # --- the text index (ContextIndex) ------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _same_key(text, a, b, k):
     for m in range(k):  # noqa: SIM110 (numba compiles loops, not generators)
         if text[a - m] != text[b - m]:
@@ -218,9 +227,10 @@ def _table_insert_new(table, off, bits, h, value):
 
 
 @njit(cache=True)
-def _reserve_index(store, meta, totals, s, extra, orders, nord):
+def _reserve_index(store, meta, totals, s, extra, tabs):
     """Room for `extra` more keys in every order's table (load at most 1/2): the region is
     rebuilt with larger tables where needed, entries rehashed from the text they point to."""
+    nord = tabs[C_NORD]
     grow = False
     for o in range(nord):
         bits = meta[s, M_TBITS + o]
@@ -243,7 +253,7 @@ def _reserve_index(store, meta, totals, s, extra, orders, nord):
     table = _alloc(store, meta, totals, s, R_INDEX, size)
     hashes = np.empty(MAX_ORDER, dtype=np.uint64)
     for o in range(nord):
-        k, off, bits = orders[o], meta[s, M_TOFF + o], meta[s, M_TBITS + o]
+        k, off, bits = tabs[T_ORD + o], meta[s, M_TOFF + o], meta[s, M_TBITS + o]
         if old_bits[o] == bits:
             table[off:off + (1 << bits)] = old[old_off[o]:old_off[o] + (1 << bits)]
             continue
@@ -255,7 +265,7 @@ def _reserve_index(store, meta, totals, s, extra, orders, nord):
 
 
 @njit(cache=True)
-def _index_end(text, table, meta, s, e, orders, nord, hashes):
+def _index_end(text, table, meta, s, e, tabs, hashes):
     """ContextIndex.extend for one end position: every order's k-gram ending at e, with the
     successor text[e+1]; the latest occurrence wins, differing successors mark it inconsistent."""
     succ = text[e + 1]
@@ -264,8 +274,8 @@ def _index_end(text, table, meta, s, e, orders, nord, hashes):
     _suffix_hashes(text, e, min(MAX_ORDER, e + 1), hashes)
     fresh = False  # a shorter suffix was new here: so is every longer one, no compare needed
     known_end, known_len = -1, 0  # the latest occurrence of the last order that matched
-    for o in range(nord):
-        k = orders[o]
+    for o in range(tabs[C_NORD]):
+        k = tabs[T_ORD + o]
         if k > e + 1 or text[e - k + 1] == SEP:
             break
         off, bits = meta[s, M_TOFF + o], meta[s, M_TBITS + o]
@@ -293,21 +303,20 @@ def _index_end(text, table, meta, s, e, orders, nord, hashes):
 
 
 @njit(cache=True)
-def index_range(store, meta, totals, s, lo, hi, orders, nord):
+def index_range(store, meta, totals, s, lo, hi, tabs, hashes):
     if hi <= lo:
         return
-    _reserve_index(store, meta, totals, s, hi - lo, orders, nord)
+    _reserve_index(store, meta, totals, s, hi - lo, tabs)
     text = store[s * NREG + R_TEXT]
     table = store[s * NREG + R_INDEX]
-    hashes = np.empty(MAX_ORDER, dtype=np.uint64)
     for e in range(lo, hi):
-        _index_end(text, table, meta, s, e, orders, nord, hashes)
+        _index_end(text, table, meta, s, e, tabs, hashes)
     if hi > meta[s, M_INDEXED]:
         meta[s, M_INDEXED] = hi
 
 
 @njit(cache=True)
-def text_extend(store, meta, totals, s, tokens, lo, hi, orders, nord):
+def text_extend(store, meta, totals, s, tokens, lo, hi, tabs, hashes):
     """Append tokens[lo:hi] to slot s's text and index every end whose successor is now known."""
     n = meta[s, M_TEXT_LEN]
     text = _grow(store, meta, totals, s, R_TEXT, n + hi - lo)
@@ -315,20 +324,27 @@ def text_extend(store, meta, totals, s, tokens, lo, hi, orders, nord):
         text[n + i - lo] = tokens[i]
     meta[s, M_TEXT_LEN] = n + hi - lo
     if meta[s, M_NOINDEX] == 0:
-        index_range(store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, orders, nord)
+        index_range(store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, tabs, hashes)
 
 
 @njit(cache=True)
-def clear_index(store, meta, totals, s, nord):
+def extend_text(store, meta, counters, s, tokens, tabs):
+    """text_extend from Python: the whole of `tokens`."""
+    text_extend(store, meta, counters, s, tokens, 0, tokens.shape[0], tabs,
+                np.empty(MAX_ORDER, dtype=np.uint64))
+
+
+@njit(cache=True)
+def clear_index(store, meta, totals, s, tabs):
     _alloc(store, meta, totals, s, R_INDEX, 0)
-    for o in range(nord):
+    for o in range(tabs[C_NORD]):
         meta[s, M_TBITS + o] = 0
         meta[s, M_TCOUNT + o] = 0
         meta[s, M_TOFF + o] = 0
     meta[s, M_INDEXED] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _lookup(text, table, off, bits, k, ctx, clen, h):
     """The entry of order k whose key is ctx's last k tokens, or 0."""
     if bits == 0:
@@ -350,33 +366,33 @@ def _lookup(text, table, off, bits, k, ctx, clen, h):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
-def _match(store, meta, s, ctx, clen, hashes, orders, nord, result, hint):
+@njit(cache=True, inline="always")
+def _match(text, table, meta, s, ctx, clen, hashes, tabs, result, hint):
     """ContextIndex.match: the longest order whose suffix of ctx is indexed. result = (order
     index, end, consistent); returns False if nothing matched. If order k's suffix is indexed, so
     are all shorter ones, so a search that starts at `hint` (the order that matched last) and
     walks up or down finds what the reference's binary search finds, in fewer lookups: a chain
     extends its context one token at a time, and the match length moves little."""
-    text = store[s * NREG + R_TEXT]
-    table = store[s * NREG + R_INDEX]
     n = 0
-    while n < nord and orders[n] <= clen:
+    while n < tabs[C_NORD] and tabs[T_ORD + n] <= clen:
         n += 1
     if n == 0:
         return False
     j = min(max(hint, 0), n - 1)
-    v = _lookup(text, table, meta[s, M_TOFF + j], meta[s, M_TBITS + j], orders[j], ctx, clen,
-                hashes[orders[j] - 1])
+    k = tabs[T_ORD + j]
+    v = _lookup(text, table, meta[s, M_TOFF + j], meta[s, M_TBITS + j], k, ctx, clen,
+                hashes[k - 1])
     if v == 0:
         while j > 0 and v == 0:
             j -= 1
-            v = _lookup(text, table, meta[s, M_TOFF + j], meta[s, M_TBITS + j], orders[j], ctx,
-                        clen, hashes[orders[j] - 1])
+            k = tabs[T_ORD + j]
+            v = _lookup(text, table, meta[s, M_TOFF + j], meta[s, M_TBITS + j], k, ctx, clen,
+                        hashes[k - 1])
         if v == 0:
             return False
     else:
         while j + 1 < n:
-            k = orders[j + 1]
+            k = tabs[T_ORD + j + 1]
             w = _lookup(text, table, meta[s, M_TOFF + j + 1], meta[s, M_TBITS + j + 1], k, ctx,
                         clen, hashes[k - 1])
             if w == 0:
@@ -391,7 +407,7 @@ def _match(store, meta, s, ctx, clen, hashes, orders, nord, result, hint):
 # --- the trajectory pool (NGramPool) ----------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _key_hash(h, klen):
     return h ^ (np.uint64(klen) * _KEYLEN_MIX)
 
@@ -413,9 +429,9 @@ def _set_next(nodes, nb, c, nxt):
     nodes[nb + c] = ((nxt + 1) << 8) | (nodes[nb + c] & 255)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _find_key(phash, pkeys, hbits, kw, mkl, buf, end, klen, h):
-    """Key id of buf[end-klen+1 .. end], or -1 - (empty slot) if absent."""
+    """Key id of buf[end-klen+1 .. end], or -1 if absent."""
     if hbits == 0:
         return -1
     mask = (1 << hbits) - 1
@@ -423,7 +439,7 @@ def _find_key(phash, pkeys, hbits, kw, mkl, buf, end, klen, h):
     while True:
         v = phash[i]
         if v == 0:
-            return -1 - i
+            return -1
         kb = (v - 1) * kw
         if pkeys[kb + mkl + 1] >> 16 == klen:
             same = True
@@ -437,15 +453,15 @@ def _find_key(phash, pkeys, hbits, kw, mkl, buf, end, klen, h):
 
 
 @njit(cache=True)
-def _new_key(store, meta, totals, s, cfg, buf, end, klen, h):
-    mkl = cfg[C_MKL]
+def _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen, h):
+    """Add key buf[end-klen+1 .. end]; returns (its id, the hash table, the key records), the
+    arrays replaced where they grew."""
     kw = mkl + 2
     nkeys = meta[s, M_NKEYS]
     hbits = meta[s, M_HBITS]
     if hbits == 0 or 2 * (nkeys + 1) > (1 << hbits):
         nbits = max(hbits + 1, 4)
         phash = _alloc(store, meta, totals, s, R_PHASH, 1 << nbits)
-        pkeys = store[s * NREG + R_PKEYS]
         hashes = np.empty(MAX_ORDER, dtype=np.uint64)
         for kid in range(nkeys):
             kb = kid * kw
@@ -460,12 +476,12 @@ def _new_key(store, meta, totals, s, cfg, buf, end, klen, h):
         pkeys[kb + m] = buf[end - klen + 1 + m]
     pkeys[kb + mkl] = -1
     pkeys[kb + mkl + 1] = klen << 16
-    _table_insert_new(store[s * NREG + R_PHASH], 0, hbits, h, nkeys + 1)
+    _table_insert_new(phash, 0, hbits, h, nkeys + 1)
     meta[s, M_NKEYS] = nkeys + 1
-    return nkeys
+    return nkeys, phash, pkeys
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _same_cont(nodes, nb, buf, at, c):
     for m in range(c):  # noqa: SIM110 (numba compiles loops, not generators)
         if nodes[nb + m] != buf[at + m]:
@@ -474,17 +490,16 @@ def _same_cont(nodes, nb, buf, at, c):
 
 
 @njit(cache=True)
-def _pool_insert(store, meta, totals, s, cfg, buf, end, klen, h, cont_at):
-    """NGramPool._insert of continuation buf[cont_at : cont_at+N-1] under key buf[..end]."""
-    mkl, c, g = cfg[C_MKL], cfg[C_CONT], cfg[C_G]
+def _pool_insert(store, meta, totals, s, tabs, phash, pkeys, nodes, buf, end, klen, h, cont_at):
+    """NGramPool._insert of continuation buf[cont_at : cont_at+N-1] under key buf[..end];
+    returns the pool's three arrays (replaced where they grew)."""
+    mkl, c, g = tabs[C_MKL], tabs[C_CONT], tabs[C_G]
     kw, nw = mkl + 2, c + 1
-    kid = _find_key(store[s * NREG + R_PHASH], store[s * NREG + R_PKEYS], meta[s, M_HBITS], kw,
-                    mkl, buf, end, klen, h)
+    kid = _find_key(phash, pkeys, meta[s, M_HBITS], kw, mkl, buf, end, klen, h)
     if kid < 0:
-        kid = _new_key(store, meta, totals, s, cfg, buf, end, klen, h)
-    pkeys = store[s * NREG + R_PKEYS]
+        kid, phash, pkeys = _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen,
+                                     h)
     kb = kid * kw
-    nodes = store[s * NREG + R_PNODES]
     prev, node, last_prev = -1, pkeys[kb + mkl], -1
     while node >= 0:
         if _same_cont(nodes, node * nw, buf, cont_at, c):
@@ -498,13 +513,13 @@ def _pool_insert(store, meta, totals, s, cfg, buf, end, klen, h, cont_at):
             pkeys[kb + mkl] = node
         if nodes[node * nw + c] & 255 < HITS_MAX:
             nodes[node * nw + c] += 1
-        return
+        return phash, pkeys, nodes
     count = pkeys[kb + mkl + 1] & 0xFFFF
     if count >= g or meta[s, M_NNODES] >= MAX_NODES:
         # Full: the tail (least recently refreshed) makes room.
         node = prev
         if node < 0:
-            return  # a new key in a pool at MAX_NODES: nothing to reuse
+            return phash, pkeys, nodes  # a new key in a pool at MAX_NODES: nothing to reuse
         if last_prev >= 0:
             _set_next(nodes, last_prev * nw, c, -1)
             _set_next(nodes, node * nw, c, pkeys[kb + mkl])
@@ -522,6 +537,7 @@ def _pool_insert(store, meta, totals, s, cfg, buf, end, klen, h, cont_at):
     for m in range(c):
         nodes[node * nw + m] = buf[cont_at + m]
     nodes[node * nw + c] = (nodes[node * nw + c] & ~255) | 1
+    return phash, pkeys, nodes
 
 
 @njit(cache=True)
@@ -545,29 +561,27 @@ def _splitmix(state):
     return state, z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True)
-def _fill_token(store, meta, rng, s):
+@njit(cache=True, inline="always")
+def _fill_token(fill, nfill, rng, s):
     """JacobiWindow.random_fill, one token (callers check that there are fill tokens)."""
     state, value = _splitmix(rng[s])
     rng[s] = state
-    fill = store[s * NREG + R_FILL]
-    return fill[np.int64(value % np.uint64(meta[s, M_NFILL]))]
+    return fill[np.int64(value % np.uint64(nfill))]
 
 
-@njit(cache=True)
-def _is_stop(store, meta, s, token):
-    stops = store[s * NREG + R_STOPS]
-    for i in range(meta[s, M_NSTOPS]):  # noqa: SIM110 (numba compiles loops, not generators)
+@njit(cache=True, inline="always")
+def _is_stop(stops, nstops, token):
+    for i in range(nstops):  # noqa: SIM110 (numba compiles loops, not generators)
         if stops[i] == token:
             return True
     return False
 
 
 @njit(cache=True)
-def _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens, base, fd, fy, lo, n, accepted,
+def _observe(store, meta, totals, rng, jw, jl, s, tabs, tokens, base, fd, fy, lo, n, accepted,
              grid, hashes):
     """JacobiWindow.observe followed by NGramPool.add of its harvest; returns the n-grams."""
-    span, mkl = cfg[C_LIN], cfg[C_MKL]
+    span, mkl = tabs[C_LIN], tabs[C_MKL]
     width = span + 2
     rows = max(n - accepted - 1, 0)
     for r in range(rows):
@@ -588,14 +602,17 @@ def _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens, base, fd, fy, lo,
         grid[r, span + 1] = fy[lo + j]
     # The next iterate: guesses and their lineages (stop tokens replaced by fill tokens).
     kept = rows
+    nfill, nstops = meta[s, M_NFILL], meta[s, M_NSTOPS]
+    stops = store[s * NREG + R_STOPS]
+    fill = store[s * NREG + R_FILL]
     for r in range(rows):
         guess = grid[r, span + 1]
-        stop = _is_stop(store, meta, s, guess)
-        if stop and meta[s, M_NFILL] == 0:
+        stop = nstops > 0 and _is_stop(stops, nstops, guess)
+        if stop and nfill == 0:
             kept = r
             break
         if stop:
-            jw[s, J_GUESS, r] = _fill_token(store, meta, rng, s)
+            jw[s, J_GUESS, r] = _fill_token(fill, nfill, rng, s)
             for m in range(span):
                 jl[s, J_LINEAGE, r, m] = -1
         else:
@@ -607,6 +624,9 @@ def _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens, base, fd, fy, lo,
     jw[s, J_FLAG, :] = 0
     # Harvest: n-grams with all N tokens, under every key whose tokens exist.
     harvested = 0
+    phash = store[s * NREG + R_PHASH]
+    pkeys = store[s * NREG + R_PKEYS]
+    nodes = store[s * NREG + R_PNODES]
     for r in range(rows):
         ok = True
         for m in range(mkl - 1, width):
@@ -621,8 +641,9 @@ def _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens, base, fd, fy, lo,
         for k in range(1, mkl + 1):
             if row[mkl - k] < 0:
                 break
-            _pool_insert(store, meta, totals, s, cfg, row, mkl - 1, k,
-                         _key_hash(hashes[k - 1], k), mkl)
+            phash, pkeys, nodes = _pool_insert(store, meta, totals, s, tabs, phash, pkeys,
+                                               nodes, row, mkl - 1, k,
+                                               _key_hash(hashes[k - 1], k), mkl)
     return harvested
 
 
@@ -630,7 +651,7 @@ def _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens, base, fd, fy, lo,
 
 
 @njit(cache=True)
-def _learn(meta, jw, acc, dpow, floor, stats, s, verified, accepted):
+def _learn(meta, jw, acc, fl, stats, s, verified, accepted):
     """LookaheadDrafter._learn: statistics and AcceptanceModel.observe for the issued chain."""
     issued = meta[s, M_ISSUED]
     stats[T_VCHAINS] += 1
@@ -642,7 +663,7 @@ def _learn(meta, jw, acc, dpow, floor, stats, s, verified, accepted):
     if touched == 0:
         return
     g = meta[s, M_GREEDY]
-    decay = dpow[touched]
+    decay, floor = fl[F_DPOW + touched], fl[F_FLOOR]
     for i in range(touched):
         f = jw[s, J_FEAT, i]
         acc[0, g, f] *= decay
@@ -653,21 +674,97 @@ def _learn(meta, jw, acc, dpow, floor, stats, s, verified, accepted):
         acc[2, g, f] = min(acc[0, g, f] / acc[1, g, f], 0.999)
 
 
+# --- the step cost model (estimator.CostModel's arithmetic) -----------------------------------
+# Plain functions that numba also compiles inline into the step: the Python cost model and the
+# compiled drafter run the very same scalar operations in the same order, so their fits agree bit
+# for bit. Here rather than in estimator.py because numba invalidates its cache by the file that
+# defines a kernel: an edit here recompiles the step.
+
+CS_XX, CS_XY, CS_SF, CS_THETA, CS_SHAPE = 0, 9, 12, 14, 17
+CS_DECAY, CS_PRIOR_STEPS, CS_OBSERVATIONS = 20, 21, 22
+CS_FIELDS = 23
+
+
+@register_jitable
+def cost_predict(st, rows, tokens):
+    return max(st[CS_THETA] + st[CS_THETA + 1] * rows + st[CS_THETA + 2] * tokens, 1e-9)
+
+
+@register_jitable
+def cost_observe(st, rows, tokens, seconds):
+    """One step's time: update the decayed statistics and refit."""
+    # One pause (a client gone quiet, a GC, a busy machine) must not teach the model that
+    # tokens are dear.
+    if st[CS_OBSERVATIONS] >= 10 and seconds > 3 * cost_predict(st, rows, tokens):
+        return
+    d = st[CS_DECAY]
+    x = (1.0, rows, tokens)
+    for i in range(3):
+        for j in range(3):
+            st[CS_XX + 3 * i + j] = d * st[CS_XX + 3 * i + j] + x[i] * x[j]
+        st[CS_XY + i] = d * st[CS_XY + i] + x[i] * seconds
+    shaped = st[CS_SHAPE] + rows * st[CS_SHAPE + 1] + tokens * st[CS_SHAPE + 2]
+    st[CS_SF] = d * st[CS_SF] + seconds * shaped
+    st[CS_SF + 1] = d * st[CS_SF + 1] + shaped * shaped
+    st[CS_OBSERVATIONS] += 1.0
+    _cost_refit(st)
+
+
+@register_jitable
+def _cost_refit(st):
+    """Ridge regression towards the prior shape scaled to the observed times."""
+    scale = st[CS_SF] / st[CS_SF + 1]
+    xx00 = st[CS_XX]
+    # As strong as `prior_steps` typical steps, per parameter.
+    weight = st[CS_PRIOR_STEPS] * min(1.0, xx00)
+    a = np.empty((3, 4))
+    for i in range(3):
+        prior_i = st[CS_SHAPE + i] * scale
+        ridge = weight * (st[CS_XX + 4 * i] / max(xx00, 1e-9))
+        for j in range(3):
+            a[i, j] = st[CS_XX + 3 * i + j]
+        a[i, i] += ridge
+        a[i, 3] = st[CS_XY + i] + ridge * prior_i
+    # Gaussian elimination: the matrix is symmetric positive definite, no pivoting needed.
+    for i in range(3):
+        for r in range(i + 1, 3):
+            f = a[r, i] / a[i, i]
+            for j in range(i, 4):
+                a[r, j] -= f * a[i, j]
+    theta = np.empty(3)
+    for i in range(2, -1, -1):
+        acc = a[i, 3]
+        for j in range(i + 1, 3):
+            acc -= a[i, j] * theta[j]
+        theta[i] = acc / a[i, i]
+    # Costs are positive, and a verified token costs no more than two rows do by the prior
+    # (a row is a token plus its sampling and bookkeeping).
+    for i in range(3):
+        st[CS_THETA + i] = max(theta[i], 0.02 * st[CS_SHAPE + i] * scale)
+    cap = 2 * (st[CS_SHAPE + 1] * scale + st[CS_SHAPE + 2] * scale)
+    st[CS_THETA + 2] = min(st[CS_THETA + 2], cap)
+
+
+@njit(cache=True)
+def cost_observe_compiled(st, rows, tokens, seconds):
+    cost_observe(st, rows, tokens, seconds)
+
+
 # --- one step: sync ---------------------------------------------------------------------------
 
 
 @njit(cache=True)
-def _rebuild_text(store, meta, totals, s, tokens, length, orders, nord):
+def _rebuild_text(store, meta, totals, s, tokens, length, tabs, hashes):
     """LookaheadDrafter._rebuild_text: the prompt as stored, then the committed tokens."""
     keep = min(meta[s, M_NPROMPT], length, meta[s, M_TEXT_LEN])
     meta[s, M_TEXT_LEN] = keep
     if meta[s, M_NOINDEX] == 0:
-        clear_index(store, meta, totals, s, nord)
-        index_range(store, meta, totals, s, 0, max(keep - 1, 0), orders, nord)
-    text_extend(store, meta, totals, s, tokens, keep, length, orders, nord)
+        clear_index(store, meta, totals, s, tabs)
+        index_range(store, meta, totals, s, 0, max(keep - 1, 0), tabs, hashes)
+    text_extend(store, meta, totals, s, tokens, keep, length, tabs, hashes)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _is_this_step(tokens, prev, length, nsamp, base, fd, lo, n):
     accepted = nsamp - 1
     if base != prev or length != base + nsamp or accepted > n:
@@ -679,48 +776,35 @@ def _is_this_step(tokens, prev, length, nsamp, base, fd, lo, n):
 
 
 @njit(cache=True)
-def sync_batch(store, meta, totals, rng, jw, jl, acc, dpow, floor, cfg, orders, stats,
-               slots, nsamp, num_tokens, token_ids, tinfo, fd, fy):
-    """LookaheadDrafter._sync for every row with a slot; returns the drafts verified."""
-    nord = cfg[C_NORD]
-    grid = np.empty((cfg[C_K] + 1, cfg[C_LIN] + 2), dtype=np.int64)
-    hashes = np.empty(MAX_ORDER, dtype=np.uint64)
-    verified_total = 0
-    for row in range(slots.shape[0]):
-        s = slots[row]
-        if s < 0:
-            continue
-        tokens = token_ids[row]
-        length = np.int64(num_tokens[row])
-        prev = meta[s, M_COMMITTED]
-        if length < prev or tokens[prev - 1] != meta[s, M_LAST]:
-            stats[T_RESYNCS] += 1
-            meta[s, M_NGUESS] = 0
-            jw[s, J_FLAG, :] = 0
-            _rebuild_text(store, meta, totals, s, tokens, length, orders, nord)
-        else:
-            base, lo, hi = tinfo[row, 0], tinfo[row, 1], tinfo[row, 2]
-            if hi > lo and _is_this_step(tokens, prev, length, nsamp[row], base, fd, lo,
-                                         hi - lo):
-                verified = hi - lo
-                verified_total += verified
-                _learn(meta, jw, acc, dpow, floor, stats, s, verified, nsamp[row] - 1)
-                stats[T_NGRAMS] += _observe(store, meta, totals, rng, jw, jl, s, cfg, tokens,
-                                            base, fd, fy, lo, verified, nsamp[row] - 1, grid,
-                                            hashes)
-            elif length != prev + nsamp[row]:
-                stats[T_RESYNCS] += 1
-            text_extend(store, meta, totals, s, tokens, prev, length, orders, nord)
-        meta[s, M_ISSUED] = 0
-        meta[s, M_COMMITTED] = length
-        meta[s, M_LAST] = tokens[length - 1]
-    return verified_total
+def _sync(store, meta, rng, jw, jl, acc, fl, tabs, counters, s, tokens, length, nsamp, base, lo,
+          hi, fd, fy, grid, hashes):
+    """LookaheadDrafter._sync for one row; returns the drafts verified."""
+    prev = meta[s, M_COMMITTED]
+    verified = 0
+    if length < prev or tokens[prev - 1] != meta[s, M_LAST]:
+        counters[T_RESYNCS] += 1
+        meta[s, M_NGUESS] = 0
+        jw[s, J_FLAG, :] = 0
+        _rebuild_text(store, meta, counters, s, tokens, length, tabs, hashes)
+    else:
+        if hi > lo and _is_this_step(tokens, prev, length, nsamp, base, fd, lo, hi - lo):
+            verified = hi - lo
+            _learn(meta, jw, acc, fl, counters, s, verified, nsamp - 1)
+            counters[T_NGRAMS] += _observe(store, meta, counters, rng, jw, jl, s, tabs, tokens,
+                                           base, fd, fy, lo, verified, nsamp - 1, grid, hashes)
+        elif length != prev + nsamp:
+            counters[T_RESYNCS] += 1
+        text_extend(store, meta, counters, s, tokens, prev, length, tabs, hashes)
+    meta[s, M_ISSUED] = 0
+    meta[s, M_COMMITTED] = length
+    meta[s, M_LAST] = tokens[length - 1]
+    return verified
 
 
 # --- one step: compose ------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _offer(otok, op, oprim, osrc, okind, orun, noff, token, kind, source, primary, run_node,
            run_j, run_k, run_hits, acc, g, support):
     p = acc[2, g, primary * support]
@@ -743,15 +827,14 @@ def _offer(otok, op, oprim, osrc, okind, orun, noff, token, kind, source, primar
 
 
 @njit(cache=True)
-def _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, jac_prim, nsmap,
-             s, tokens, length, out_tok, out_reach, out_src, out_feat, row, scratch, hashes,
-             result, otok, op, oprim, osrc, okind, orun):
+def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out, out_reach, row,
+             scratch, hashes, result, otok, op, oprim, osrc, okind, orun):
     """LookaheadDrafter._compose for one row: the chain, its per-token reach, sources and
-    features; returns its length."""
-    c, mkl = cfg[C_CONT], cfg[C_MKL]
-    support, nord, hits_max = cfg[C_SUPPORT], cfg[C_NORD], cfg[C_HITS]
+    features (out[0], out_reach, out[1], out[2]); returns its length."""
+    c, mkl = tabs[C_CONT], tabs[C_MKL]
+    support, hits_max, tpool = tabs[C_SUPPORT], tabs[C_HITS], tabs[C_TPOOL]
     g = meta[s, M_GREEDY]
-    budget = min(meta[s, M_BUDGET], cfg[C_MAXLEN] - length - 1)
+    budget = min(meta[s, M_BUDGET], tabs[C_MAXLEN] - length - 1)
     n = 0
     if budget <= 0:
         return 0  # the reference returns before issuing: the window keeps what it had
@@ -764,7 +847,11 @@ def _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, j
     nsid = meta[s, M_NSID]
     ns = nsmap[nsid] if nsid >= 0 else -1
     own = meta[s, M_NOINDEX] == 0
+    # Every region this row reads, fetched once (a typed-list access costs about 50 ns).
     text = store[s * NREG + R_TEXT]
+    index = store[s * NREG + R_INDEX]
+    ntext = store[ns * NREG + R_TEXT] if ns >= 0 else text
+    nindex = store[ns * NREG + R_INDEX] if ns >= 0 else index
     nprompt = meta[s, M_NPROMPT]
     phash = store[s * NREG + R_PHASH]
     pkeys = store[s * NREG + R_PKEYS]
@@ -777,29 +864,31 @@ def _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, j
     while n < budget:
         _suffix_hashes(scratch, clen - 1, min(MAX_ORDER, clen), hashes)
         noff = 0
-        if own and _match(store, meta, s, scratch, clen, hashes, orders, nord, result,
-                          hint_own):
+        if own and _match(text, index, meta, s, scratch, clen, hashes, tabs, result, hint_own):
             hint_own = result[0]
             if n == 0:
                 meta[s, M_HINT_OWN] = hint_own
             end = result[1]
             source = S_PROMPT if end + 1 < nprompt else S_OUTPUT
             noff = _offer(otok, op, oprim, osrc, okind, orun, noff, text[end + 1], K_OWN, source,
-                          copy_prim[0, result[0], result[2]], -1, 0, 0, 0, acc, g, support)
-        if ns >= 0 and _match(store, meta, ns, scratch, clen, hashes, orders, nord, result,
+                          tabs[T_COPY + 2 * result[0] + result[2]], -1, 0, 0, 0, acc, g,
+                          support)
+        if ns >= 0 and _match(ntext, nindex, meta, ns, scratch, clen, hashes, tabs, result,
                               hint_shared):
             hint_shared = result[0]
             if n == 0:
                 meta[s, M_HINT_SHARED] = hint_shared
-            ntext = store[ns * NREG + R_TEXT]
             noff = _offer(otok, op, oprim, osrc, okind, orun, noff, ntext[result[1] + 1],
-                          K_SHARED, S_SHARED, copy_prim[1, result[0], result[2]], -1, 0, 0, 0,
+                          K_SHARED, S_SHARED,
+                          tabs[T_COPY + 2 * NORD_MAX + 2 * result[0] + result[2]], -1, 0, 0, 0,
                           acc, g, support)
         if run_node >= 0:
             nxt = run_node if run_j + 1 < c else -1
+            primary = tabs[tpool + (run_k * (hits_max + 1) + min(run_hits, hits_max)) * c
+                           + run_j]
             noff = _offer(otok, op, oprim, osrc, okind, orun, noff, nodes[run_node * nw + run_j],
-                          K_POOL, S_TRAJ, pool_prim[run_k, min(run_hits, hits_max), run_j], nxt,
-                          run_j + 1, run_k, run_hits, acc, g, support)
+                          K_POOL, S_TRAJ, primary, nxt, run_j + 1, run_k, run_hits, acc, g,
+                          support)
         for k in range(min(mkl, clen), 0, -1):
             kid = _find_key(phash, pkeys, hbits, kw, mkl, scratch, clen - 1, k,
                             _key_hash(hashes[k - 1], k))
@@ -809,15 +898,15 @@ def _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, j
             while node >= 0:
                 hits = nodes[node * nw + c] & 255
                 nxt = node if c > 1 else -1
+                primary = tabs[tpool + (k * (hits_max + 1) + min(hits, hits_max)) * c]
                 noff = _offer(otok, op, oprim, osrc, okind, orun, noff, nodes[node * nw],
-                              K_POOL, S_TRAJ, pool_prim[k, min(hits, hits_max), 0], nxt, 1, k,
-                              hits, acc, g, support)
+                              K_POOL, S_TRAJ, primary, nxt, 1, k, hits, acc, g, support)
                 node = _next(nodes, node * nw, c)
         if n < nguess:
             guess = jw[s, J_GUESS, offset + n]
             if guess >= 0:
                 noff = _offer(otok, op, oprim, osrc, okind, orun, noff, guess, K_JACOBI,
-                              S_JACOBI, jac_prim[n], -1, 0, 0, 0, acc, g, support)
+                              S_JACOBI, tabs[T_JAC + n], -1, 0, 0, 0, acc, g, support)
         if noff == 0:
             break
         best, best_p, best_f = -1, 0.0, 0
@@ -830,90 +919,45 @@ def _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, j
                 best, best_p, best_f = i, p, f
         reach = reach * best_p
         token = otok[best]
-        out_tok[row, n] = token
+        out[0, row, n] = token
+        out[1, row, n] = osrc[best]
+        out[2, row, n] = best_f
         out_reach[row, n] = reach
-        out_src[row, n] = osrc[best]
-        out_feat[row, n] = best_f
         scratch[clen] = token
         clen += 1
         n += 1
         run_node, run_j, run_k, run_hits = orun[best, 0], orun[best, 1], orun[best, 2], \
             orun[best, 3]
-    if n < budget and meta[s, M_NFILL] > 0:
-        fill_feat = cfg[C_FILLFEAT]
+    nfill = meta[s, M_NFILL]
+    if n < budget and nfill > 0:
+        fill = store[s * NREG + R_FILL]
+        fill_feat = tabs[C_FILLFEAT]
         p_fill = acc[2, g, fill_feat]
         while n < budget:
             reach = reach * p_fill
-            out_tok[row, n] = _fill_token(store, meta, rng, s)
+            out[0, row, n] = _fill_token(fill, nfill, rng, s)
+            out[1, row, n] = S_FILL
+            out[2, row, n] = fill_feat
             out_reach[row, n] = reach
-            out_src[row, n] = S_FILL
-            out_feat[row, n] = fill_feat
             n += 1
-    _issue_window(meta, jw, jl, cfg, s, length, out_tok, row, n)
+    _issue_window(meta, jw, jl, tabs, s, length, out, row, n)
     return n
 
 
 @njit(cache=True)
-def _issue_window(meta, jw, jl, cfg, s, index, out_tok, row, n):
+def _issue_window(meta, jw, jl, tabs, s, index, out, row, n):
     """JacobiWindow.issue: which chain tokens are the current guesses for their positions."""
-    span = cfg[C_LIN]
+    span = tabs[C_LIN]
     jw[s, J_FLAG, :] = 0
     offset = index - meta[s, M_ANCHOR]
     avail = meta[s, M_NGUESS] - max(offset, 0)
     start = max(-offset, 0)
     for pos in range(start, min(n, start + max(avail, 0))):
         gi = pos - start + max(offset, 0)
-        if out_tok[row, pos] == jw[s, J_GUESS, gi]:
+        if out[0, row, pos] == jw[s, J_GUESS, gi]:
             jw[s, J_FLAG, pos] = 1
             for m in range(span):
                 jl[s, J_ISSUED, pos, m] = jl[s, J_LINEAGE, gi, m]
-
-
-@njit(cache=True)
-def compose_batch(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, jac_prim,
-                  nsmap, stats, slots, num_tokens, token_ids, out_tok, out_len, out_reach,
-                  out_src, out_feat, adaptive, step_cost, token_cost):
-    """Compose every row's chain, cut the batch (`estimator.cut_chains`), issue the chains."""
-    k_max, mkl, g = cfg[C_K], cfg[C_MKL], cfg[C_G]
-    scratch = np.empty(MAX_ORDER + k_max + 1, dtype=np.int64)
-    hashes = np.empty(MAX_ORDER, dtype=np.uint64)
-    result = np.empty(3, dtype=np.int64)
-    max_offers = 4 + g * mkl
-    otok = np.empty(max_offers, dtype=np.int64)
-    op = np.empty(max_offers, dtype=np.float64)
-    oprim = np.empty(max_offers, dtype=np.int64)
-    osrc = np.empty(max_offers, dtype=np.int64)
-    okind = np.empty(max_offers, dtype=np.int64)
-    orun = np.empty((max_offers, 4), dtype=np.int64)
-    rows = 0
-    total = 0
-    for row in range(slots.shape[0]):
-        s = slots[row]
-        out_len[row] = 0
-        if s < 0:
-            continue
-        rows += 1
-        n = _compose(store, meta, rng, jw, jl, acc, cfg, orders, copy_prim, pool_prim, jac_prim,
-                     nsmap, s, token_ids[row], np.int64(num_tokens[row]), out_tok, out_reach,
-                     out_src, out_feat, row, scratch, hashes, result, otok, op, oprim, osrc,
-                     okind, orun)
-        out_len[row] = n
-        total += n
-    if adaptive and rows > 0:
-        _cut(slots, out_len, out_reach, stats, rows, total, step_cost, token_cost)
-    for row in range(slots.shape[0]):
-        s = slots[row]
-        if s < 0:
-            continue
-        n = out_len[row]
-        stats[T_CHAINS] += 1
-        stats[T_DRAFT] += n
-        meta[s, M_ISSUED] = n
-        for i in range(n):
-            jw[s, J_SRC, i] = out_src[row, i]
-            jw[s, J_FEAT, i] = out_feat[row, i]
-            stats[T_DRAFTED + out_src[row, i]] += 1
-    return rows
 
 
 @njit(cache=True)
@@ -941,3 +985,71 @@ def _cut(slots, out_len, out_reach, stats, rows, total, step_cost, token_cost):
         if slots[row] >= 0:
             stats[T_CUT] += out_len[row] - keep[row]
             out_len[row] = keep[row]
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin, num_tokens,
+         token_ids, tb, tcu, tidx, fd, fy, out, out_len, out_reach, scratch, flags, seconds):
+    """One engine step of the whole batch: sync every row (learn from its verified chain), fit the
+    step cost (`flags` & 1: this step's time counts), compose every chain, cut the batch
+    (`flags` & 2: adaptive) and issue the chains. rowsin[0]: slots (-1: no sample this step),
+    rowsin[1]: tokens sampled; row r's drafts are fd/fy[tcu[tidx[r]] : tcu[tidx[r] + 1]]
+    (tidx[r] < 0: none)."""
+    slots, nsamp = rowsin[0], rowsin[1]
+    batch = slots.shape[0]
+    hashes = np.empty(MAX_ORDER, dtype=np.uint64)
+    rows = 0
+    verified = 0
+    for row in range(batch):
+        s = slots[row]
+        if s < 0:
+            continue
+        rows += 1
+        t = tidx[row]
+        base, lo, hi = (tb[t], tcu[t], tcu[t + 1]) if t >= 0 else (0, 0, 0)
+        verified += _sync(store, meta, rng, jw, jl, acc, fl, tabs, counters, s, token_ids[row],
+                          np.int64(num_tokens[row]), nsamp[row], base, lo, hi, fd, fy, scratch,
+                          hashes)
+    if flags & 1:
+        # Only steps that verified nothing but these chains: a prefill would skew the fit.
+        cost_observe(cost, float(rows), float(rows + verified), seconds)
+    k_max, mkl, g = tabs[C_K], tabs[C_MKL], tabs[C_G]
+    ctx = np.empty(MAX_ORDER + k_max + 1, dtype=np.int64)
+    result = np.empty(3, dtype=np.int64)
+    max_offers = 4 + g * mkl
+    otok = np.empty(max_offers, dtype=np.int64)
+    op = np.empty(max_offers, dtype=np.float64)
+    oprim = np.empty(max_offers, dtype=np.int64)
+    osrc = np.empty(max_offers, dtype=np.int64)
+    okind = np.empty(max_offers, dtype=np.int64)
+    orun = np.empty((max_offers, 4), dtype=np.int64)
+    total = 0
+    for row in range(batch):
+        s = slots[row]
+        out_len[row] = 0
+        if s < 0:
+            continue
+        n = _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, token_ids[row],
+                     np.int64(num_tokens[row]), out, out_reach, row, ctx, hashes, result, otok,
+                     op, oprim, osrc, okind, orun)
+        out_len[row] = n
+        total += n
+    if flags & 2 and rows > 0:
+        _cut(slots, out_len, out_reach, counters, rows, total,
+             cost_predict(cost, float(rows), float(rows)), cost[CS_THETA + 2])
+    for row in range(batch):
+        s = slots[row]
+        if s < 0:
+            continue
+        n = out_len[row]
+        counters[T_CHAINS] += 1
+        counters[T_DRAFT] += n
+        meta[s, M_ISSUED] = n
+        for i in range(n):
+            jw[s, J_SRC, i] = out[1, row, i]
+            jw[s, J_FEAT, i] = out[2, row, i]
+            counters[T_DRAFTED + out[1, row, i]] += 1
+    return rows
