@@ -1,10 +1,10 @@
 """Tensor parallelism 2 on CPU (vLLM's mp executor: one worker process per rank) with lookahead,
-offline and through the OpenAI server: outputs equal to no speculation, every rank drafts the same
-chains, and statistics are counted once per engine, not once per rank.
+offline and through the OpenAI server: outputs equal to no speculation, only the output rank
+drafts, and statistics are counted once per engine, not once per rank.
 
-Each rank runs its own proposer on the same committed tokens; vLLM uses rank 0's drafts (the
-scheduler sends them to all ranks with the next step), so a rank whose drafts differed would not
-change outputs, only silently keep state that no longer matches what was verified.
+vLLM uses the drafts of the executor's output rank only (tensor-parallel rank 0 of the last
+pipeline stage; `take_draft_token_ids` replies from that rank, and the scheduler sends the drafts
+to every rank with the next step), so the other ranks propose empty chains and keep no state.
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ pytestmark = pytest.mark.engine
 
 SPEC = {"method": "lookahead", "num_speculative_tokens": 6, "lookahead": {"ngram_size": 3}}
 N = 16
-# Counters that must agree between ranks (timings differ).
-COUNTERS = ("steps", "chains", "draft_tokens", "verified_chains", "verified_tokens",
-            "accepted_tokens", "drafted_by_source", "accepted_by_source", "trajectory_ngrams",
-            "resyncs")
 
 
 def rss_mib() -> float:
@@ -92,18 +88,15 @@ def test_offline_tp2_outputs_and_statistics_once_per_engine(tp2_offline, baselin
         assert r["per_engine"][0]["accepted_tokens"] == stats[0]["accepted_tokens"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "since 2749a83 (the drafter that chooses) the ranks' chains can differ (3 of 4 runs): the "
-    "chain is cut with a cost model fed with each rank's own wall-clock step time "
-    "(estimator.CostModel via step_seconds); outputs stay exact because vLLM verifies rank 0's "
-    "drafts. Identical in every run up to dcc76f3."))
-def test_offline_tp2_every_rank_drafts_the_same_chains(tp2_offline):
+def test_offline_tp2_only_the_output_rank_drafts(tp2_offline):
+    """vLLM takes rank 0's drafts (take_draft_token_ids replies from the executor's output rank
+    only); rank 1 is asked every step and proposes empty chains instead of work thrown away."""
     digests, stats = tp2_offline["digests"], tp2_offline["stats"]
-    assert sorted(d["rank"] for d in digests) == [0, 1]
+    assert [d["rank"] for d in digests] == [0, 1]
     assert digests[0]["calls"] > 0
     assert digests[0]["calls"] == digests[1]["calls"]
-    assert digests[0]["digest"] == digests[1]["digest"]
-    assert {k: stats[0][k] for k in COUNTERS} == {k: stats[1][k] for k in COUNTERS}
+    assert stats[0]["chains"] > 0 and stats[0]["draft_tokens"] > 0
+    assert (stats[1]["chains"], stats[1]["draft_tokens"], stats[1]["steps"]) == (0, 0, 0)
 
 
 @pytest.fixture(scope="module")

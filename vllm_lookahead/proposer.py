@@ -43,6 +43,12 @@ class LookaheadProposer:
             adaptive = getattr(vllm_config.device_config, "device_type", "") == "cpu"
         self.drafter = LookaheadDrafter(cfg, spec.num_speculative_tokens,
                                         vllm_config.model_config.max_model_len, adaptive)
+        # vLLM takes the drafts of one rank only (tensor-parallel rank 0 of the last pipeline
+        # stage: take_draft_token_ids replies from the executor's output rank); the others
+        # propose empty chains and capture no trajectory, instead of work thrown away.
+        self.drafts_here = vllm_compat.is_reporting_worker()
+        if self.drafts_here:
+            self.drafter.warm_up()  # compiles (or loads) the kernels now, not in the first step
         self._runner: weakref.ReferenceType[Any] | None = None
         self._trajectory: StepTrajectory | None = None
         self._last_propose: float | None = None
@@ -80,6 +86,8 @@ class LookaheadProposer:
                 "vllm-lookahead: propose() was called before the runner hook bound the proposer; "
                 "the hooks in vllm_lookahead.vllm_compat did not run on this vLLM build")
         trajectory, self._trajectory = self._trajectory, None
+        if not self.drafts_here:
+            return [[] for _ in sampled_token_ids]
         # From one propose to the next is one engine step: what the cost model learns from.
         step_seconds = start - self._last_propose if self._last_propose is not None else None
         self._last_propose = start

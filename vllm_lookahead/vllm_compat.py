@@ -130,6 +130,10 @@ def _sample_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         if spec_decode_metadata is None or logits is None:
             drafter.set_trajectory(None)
             return original(self, logits, spec_decode_metadata)
+        if not getattr(drafter, "drafts_here", True):
+            # Only the output rank's drafts are used: no trajectory to capture on the others.
+            drafter.set_trajectory(None)
+            return original(self, logits, spec_decode_metadata)
         capture = _Capture(self, logits, spec_decode_metadata)
         _TAP_SLOT[0] = capture
         try:
@@ -307,8 +311,9 @@ def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
 
 
 def is_reporting_worker() -> bool:
-    """One worker reports per engine: tensor-parallel rank 0 (every rank drafts the same chains;
-    only the last pipeline stage drafts at all)."""
+    """One worker reports per engine: tensor-parallel rank 0 (of the last pipeline stage, the only
+    one that drafts): the executor's output rank, whose drafts vLLM uses; the other ranks do not
+    draft."""
     try:
         from vllm.distributed.parallel_state import get_tp_group
 
