@@ -65,7 +65,8 @@ LOOKAHEAD_SHARING = "shared_pool_tokens"
 """Lookahead's cross-request corpus, turned off (0) with --reuse-prompts where the plugin has it."""
 DEFAULT_METHODS = f"{BASELINE},ngram,suffix,{SUFFIX_DEFAULT_ALIAS},lookahead,ngram_gpu"
 DEFAULT_DATASETS = ",".join(PROMPT_SETS)
-GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size", "A": "adaptive"}
+GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size", "A": "adaptive",
+             "S": "shared_pool_tokens"}
 QUICK = {"model": eng.TINY_MODEL, "datasets": "mtbench,related", "num_prompts": "2",
          "max_tokens": 16, "concurrency": [1, 2], "methods": "none,lookahead",
          "lookahead_grid": ""}
@@ -151,8 +152,8 @@ def _grid_point(point: str, k: int | None, reuse_prompts: bool) -> Method:
         key = key.strip().upper()
         if key not in (*GRID_KEYS, "K") or not value.strip().isdigit():
             raise SystemExit(f"--lookahead-grid: bad {item!r} in {point!r}; use N (ngram_size), "
-                             "W (window_size), G (guess_set_size), A (adaptive, 0 or 1) or K, "
-                             "each =<integer>")
+                             "W (window_size), G (guess_set_size), A (adaptive, 0 or 1), "
+                             "S (shared_pool_tokens) or K, each =<integer>")
         values[key] = int(value)
     params: dict[str, Any] = {GRID_KEYS[k]: v for k, v in values.items() if k in GRID_KEYS}
     if "adaptive" in params:
@@ -580,8 +581,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"{SUFFIX_DEFAULT_ALIAS}), lookahead, ngram_gpu (CUDA only); "
                              f"'{BASELINE}' always runs (%(default)s)")
     parser.add_argument("--lookahead-grid", default="",
-                        help='extra lookahead settings, e.g. "A=0;N=5,G=16" (K, W too); a point '
-                             "without K or W drafts --k tokens")
+                        help='extra lookahead settings, e.g. "A=0;N=5,G=16;S=0" (K, W too); '
+                             "a point without K or W drafts --k tokens")
     parser.add_argument("--reuse-prompts", action="store_true",
                         help="the old design: every concurrency replays the same first prompts, "
                              "with suffix's global cache and lookahead's shared pool off so that "
