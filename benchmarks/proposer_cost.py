@@ -161,7 +161,7 @@ def memory(drafter: Any) -> tuple[int, int, int, int]:
     return (int(meta[slots, kernels.M_NCONT].sum()),
             sum(drafter._pool_bytes(s) for s in slots),
             int(meta[slots, kernels.M_TEXT_LEN].sum()),
-            sum(drafter._index_bytes(s) for s in slots))
+            sum(drafter._region_bytes(s, (kernels.R_INDEX,)) for s in slots))
 
 
 def admission_ms(drafter: str, prompt_len: int, repeat: int) -> float:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vllm_lookahead import kernels
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.drafter import LookaheadDrafter
 from vllm_lookahead.reference_drafter import ReferenceDrafter
@@ -149,18 +151,32 @@ def test_long_prompt_index_matches_the_reference():
     eng.run(40)
 
 
-def test_memory_is_reported_and_the_budget_holds():
-    cfg = LookaheadConfig(memory_budget_mib=1)
-    eng = SimulatedEngine(cfg, 7, [], toy_model(2), max_len=8192)
+def test_the_memory_budget_holds_through_a_soak():
+    """Long prompts, arrivals and finishes, a shared corpus, under a 1 MiB budget: after every
+    step and every finish the drafter holds at most the budget, it evicts to get there, and what
+    it reports is what its arrays hold."""
+    budget = 1 << 20
+    cfg = LookaheadConfig(memory_budget_mib=1, shared_pool_tokens=200_000)
+    eng = SimulatedEngine(cfg, 7, [], toy_model(2), max_len=6000)
     rng = random.Random(0)
-    for _ in range(8):
-        eng.add([rng.randrange(1000) for _ in range(4000)])
-    for _ in range(30):
-        eng.step(list(eng.tokens))
-        assert eng.drafter.nbytes() <= 1 << 20
-    snapshot = eng.drafter.snapshot()
+    live = []
+    for step in range(120):
+        if len(live) < 6 and rng.random() < 0.3:
+            live.append(eng.add([rng.randrange(1000) for _ in range(rng.randint(100, 4000))],
+                                random_options(rng)))
+        if live and rng.random() < 0.08:
+            eng.finish(live.pop(rng.randrange(len(live))))
+            assert eng.drafter.nbytes() <= budget
+        live = [r for r in live if len(eng.tokens[r]) < eng.max_len - 10]
+        if live:
+            eng.step(list(live))
+        drafter = eng.drafter
+        assert drafter.nbytes() <= budget, step
+    snapshot = drafter.snapshot()
     assert snapshot["memory_evictions"] > 0
-    assert 0 < snapshot["pool_bytes"] <= snapshot["memory_budget_bytes"]
+    assert 0 < snapshot["pool_bytes"] <= snapshot["memory_budget_bytes"] == budget
+    held = sum(a.nbytes for a in drafter._store)
+    assert held == drafter._counters[kernels.T_TOTAL]
 
 
 def test_the_compiled_cost_model_fits_bit_for_bit_alike():
@@ -176,3 +192,32 @@ def test_the_compiled_cost_model_fits_bit_for_bit_alike():
         cost_observe_compiled(compiled.state, *args)
         assert plain.theta.tolist() == compiled.theta.tolist()
     assert plain.observations == compiled.observations > 400
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), vocab=st.integers(2, 6), chunk=st.integers(1, 40))
+def test_the_text_index_matches_the_reference_whether_built_in_bulk_or_step_by_step(
+        seed, vocab, chunk):
+    from vllm_lookahead import kernels as kn
+    from vllm_lookahead.context_index import ContextIndex
+
+    rng = random.Random(seed)
+    text = [rng.randrange(vocab) if rng.random() > 0.02 else -1 for _ in range(700)]
+    d = LookaheadDrafter(LookaheadConfig(), 7, 1024)
+    bulk, steps = d._new_slot(1), d._new_slot(1)
+    kn.extend_text(d._store, d._meta, d._counters, bulk, np.array(text, np.int32), d._tabs)
+    for i in range(0, len(text), chunk):
+        kn.extend_text(d._store, d._meta, d._counters, steps,
+                       np.array(text[i:i + chunk], np.int32), d._tabs)
+    reference = ContextIndex()
+    reference.extend(text)
+    for _ in range(50):
+        start = rng.randrange(len(text))
+        ctx = text[start:start + rng.randint(1, 20)]
+        if rng.random() < 0.3:
+            ctx = [*ctx, rng.randrange(vocab)]
+        want = reference.match(ctx)
+        want = (0, -1, 0) if want is None else (want.length, want.end, int(want.consistent))
+        array = np.array(ctx, dtype=np.int64)
+        for slot in (bulk, steps):
+            assert kn.match_context(d._store, d._meta, slot, array, d._tabs) == want

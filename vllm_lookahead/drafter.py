@@ -11,8 +11,8 @@ shared corpus's bookkeeping, and turns the output array into the lists vLLM want
 Memory: every structure is counted (bytes of the arrays in the store, the fixed per-slot arrays,
 the shared sequences) against `LookaheadConfig.memory_budget_mib`; past it, at the end of the step
 or admission that passed it, the drafter evicts, least useful first: the shared corpus's oldest
-sequences, then the largest trajectory pools, then the largest text indexes (that request then
-drafts from its pool and Jacobi window only).
+sequences, then the largest trajectory pools, then the largest texts with their indexes (that
+request then drafts from its pool and Jacobi window only, and its output is not shared).
 """
 
 from __future__ import annotations
@@ -227,11 +227,10 @@ class LookaheadDrafter:
         if batch > self._batch_cap:
             self._grow_batch(max(batch, 2 * self._batch_cap))
         rowsin = self._rowsin[:, :batch]
-        admitted = self._slots_of(req_ids, sampled, token_ids, requests, rowsin)
+        admitted, every_row = self._slots_of(req_ids, sampled, token_ids, requests, rowsin)
         tb, tcu, tidx, fd, fy = self._trajectory_rows(req_ids, trajectory)
         # The step time counts only for steps that verified nothing but these chains.
-        observe = step_seconds is not None and not admitted and (
-            batch == 0 or bool(rowsin[0].min() >= 0))
+        observe = step_seconds is not None and not admitted and every_row
         kn.step(self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._fl,
                 self.cost.state, self._tabs, self._nsmap, self._counters, rowsin, num_tokens,
                 token_ids, tb, tcu, tidx, fd, fy, self._out, self._out_len, self._out_reach,
@@ -246,9 +245,11 @@ class LookaheadDrafter:
         return drafts
 
     def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
-                  token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray) -> bool:
+                  token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
+                  ) -> tuple[bool, bool]:
         """Each row's slot (-1: nothing committed this step) and sample count into `rowsin`,
-        admitting new requests; returns whether any was admitted."""
+        admitting new requests; returns whether any was admitted and whether every row has a
+        slot."""
         slots = []
         admitted = False
         states, owner = self.states, requests.owner
@@ -264,7 +265,7 @@ class LookaheadDrafter:
             slots.append(handle.slot)
         rowsin[0] = slots
         rowsin[1] = [len(sample) for sample in sampled]
-        return admitted
+        return admitted, -1 not in slots
 
     def _trajectory_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
                          ) -> tuple[np.ndarray, ...]:
@@ -273,8 +274,10 @@ class LookaheadDrafter:
         batch = len(req_ids)
         if trajectory is None:
             return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
-        cu = np.asarray(trajectory.cu_drafts, dtype=np.int64)
-        if cu[-1] == cu[0]:  # no row has drafts
+        cu = trajectory.cu_drafts
+        if not (isinstance(cu, np.ndarray) and cu.dtype == np.int64):
+            cu = np.asarray(cu, dtype=np.int64)
+        if int(cu[-1]) == int(cu[0]):  # no row has drafts
             return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
         if trajectory.req_ids == req_ids or list(trajectory.req_ids) == list(req_ids):
             index = self._arange[:batch]
@@ -347,7 +350,7 @@ class LookaheadDrafter:
 
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
-        if handle.share:
+        if handle.share and not self._meta[handle.slot, kn.M_NOINDEX]:
             meta = self._meta[handle.slot]
             text = self._store[handle.slot * kn.NREG + kn.R_TEXT]
             self.shared.add(handle.namespace,
@@ -391,14 +394,13 @@ class LookaheadDrafter:
         return self._region_bytes(slot, (kn.R_PHASH, kn.R_PKEYS, kn.R_PNODES))
 
     def _index_bytes(self, slot: int) -> int:
-        return self._region_bytes(slot, (kn.R_INDEX,))
+        return self._region_bytes(slot, (kn.R_INDEX, kn.R_TEXT))
 
     def _clear_pool(self, slot: int) -> None:
         kn.clear_pool(self._store, self._meta, self._counters, slot)
 
     def _clear_index(self, slot: int) -> None:
-        kn.clear_index(self._store, self._meta, self._counters, slot, self._tabs)
-        self._meta[slot, kn.M_NOINDEX] = 1
+        kn.evict_text(self._store, self._meta, self._counters, slot, self._tabs)
 
     # --- statistics -------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ M_NFILL = 15
 M_NSTOPS = 16
 M_BYTES = 17
 M_INDEXED = 18  # ends below this are indexed (ContextIndex: all ends but the last token's)
-M_NOINDEX = 19  # 1: the text index was evicted (memory budget); own-text matching is off
+M_NOINDEX = 19  # 1: text and index evicted (memory budget): no own-text matching, no sharing
 M_TBITS = 20  # .. + NORD_MAX: bits of each order's table
 M_TCOUNT = M_TBITS + NORD_MAX  # .. + NORD_MAX: entries in each order's table
 M_TOFF = M_TCOUNT + NORD_MAX  # .. + NORD_MAX: where each order's table starts in the region
@@ -302,6 +302,11 @@ def _index_end(text, table, meta, s, e, tabs, hashes):
             i = (i + 1) & mask
 
 
+BULK = 256
+"""From this many ends on, index order by order (`_index_bulk`): one order's table stays in cache
+while every end is inserted into it."""
+
+
 @njit(cache=True)
 def index_range(store, meta, totals, s, lo, hi, tabs, hashes):
     if hi <= lo:
@@ -309,22 +314,83 @@ def index_range(store, meta, totals, s, lo, hi, tabs, hashes):
     _reserve_index(store, meta, totals, s, hi - lo, tabs)
     text = store[s * NREG + R_TEXT]
     table = store[s * NREG + R_INDEX]
-    for e in range(lo, hi):
-        _index_end(text, table, meta, s, e, tabs, hashes)
+    if hi - lo >= BULK:
+        _index_bulk(text, table, meta, s, lo, hi, tabs)
+    else:
+        for e in range(lo, hi):
+            _index_end(text, table, meta, s, e, tabs, hashes)
     if hi > meta[s, M_INDEXED]:
         meta[s, M_INDEXED] = hi
 
 
 @njit(cache=True)
+def _index_bulk(text, table, meta, s, lo, hi, tabs):
+    """`_index_end` for every end in [lo, hi), one order at a time, with a rolling hash per order.
+    The entries are the same whatever the order of insertion (the latest end wins, successors
+    that differ mark a key inconsistent), so this indexes exactly what `_index_end` would."""
+    n = hi - lo
+    alive = np.empty(n, dtype=np.uint8)  # every shorter order was indexed at this end
+    fresh = np.zeros(n, dtype=np.uint8)  # a shorter order's key was new at this end
+    for i in range(n):
+        alive[i] = 1 if text[lo + i + 1] != SEP else 0
+    for o in range(tabs[C_NORD]):
+        k = tabs[T_ORD + o]
+        off, bits = meta[s, M_TOFF + o], meta[s, M_TBITS + o]
+        mask = (1 << bits) - 1
+        top = POW[k - 1]
+        h = np.uint64(0)
+        have = False  # h holds the hash of the k tokens ending at the previous end
+        for i in range(n):
+            e = lo + i
+            if e + 1 < k:
+                alive[i] = 0
+                continue
+            if have:
+                h = np.uint64(np.int64(text[e]) + 1) + POW[1] * (
+                    h - np.uint64(np.int64(text[e - k]) + 1) * top)
+            else:
+                h = np.uint64(0)
+                for m in range(k):
+                    h += np.uint64(np.int64(text[e - m]) + 1) * POW[m]
+                have = True
+            if alive[i] == 0:
+                continue
+            if text[e - k + 1] == SEP:
+                alive[i] = 0
+                continue
+            succ = text[e + 1]
+            j = _bucket(h, bits)
+            while True:
+                v = table[off + j]
+                if v == 0:
+                    table[off + j] = e + 1
+                    meta[s, M_TCOUNT + o] += 1
+                    fresh[i] = 1
+                    break
+                if fresh[i] == 0:
+                    old = (v & EMASK) - 1
+                    if _same_key(text, old, e, k):
+                        inc = v & INCONS
+                        if text[old + 1] != succ:
+                            inc = INCONS
+                        table[off + j] = (max(old, e) + 1) | inc
+                        break
+                j = (j + 1) & mask
+
+
+@njit(cache=True)
 def text_extend(store, meta, totals, s, tokens, lo, hi, tabs, hashes):
-    """Append tokens[lo:hi] to slot s's text and index every end whose successor is now known."""
+    """Append tokens[lo:hi] to slot s's text and index every end whose successor is now known
+    (a text whose index was evicted is only counted)."""
     n = meta[s, M_TEXT_LEN]
+    if meta[s, M_NOINDEX] != 0:
+        meta[s, M_TEXT_LEN] = n + hi - lo
+        return
     text = _grow(store, meta, totals, s, R_TEXT, n + hi - lo)
     for i in range(lo, hi):
         text[n + i - lo] = tokens[i]
     meta[s, M_TEXT_LEN] = n + hi - lo
-    if meta[s, M_NOINDEX] == 0:
-        index_range(store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, tabs, hashes)
+    index_range(store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, tabs, hashes)
 
 
 @njit(cache=True)
@@ -332,6 +398,15 @@ def extend_text(store, meta, counters, s, tokens, tabs):
     """text_extend from Python: the whole of `tokens`."""
     text_extend(store, meta, counters, s, tokens, 0, tokens.shape[0], tabs,
                 np.empty(MAX_ORDER, dtype=np.uint64))
+
+
+@njit(cache=True)
+def evict_text(store, meta, totals, s, tabs):
+    """Drop slot s's text and index for good (the memory budget): it drafts from its pool and
+    Jacobi window only, and its output is not shared when it finishes."""
+    clear_index(store, meta, totals, s, tabs)
+    _alloc(store, meta, totals, s, R_TEXT, 0)
+    meta[s, M_NOINDEX] = 1
 
 
 @njit(cache=True)
@@ -756,11 +831,13 @@ def cost_observe_compiled(st, rows, tokens, seconds):
 @njit(cache=True)
 def _rebuild_text(store, meta, totals, s, tokens, length, tabs, hashes):
     """LookaheadDrafter._rebuild_text: the prompt as stored, then the committed tokens."""
+    if meta[s, M_NOINDEX] != 0:
+        meta[s, M_TEXT_LEN] = length
+        return
     keep = min(meta[s, M_NPROMPT], length, meta[s, M_TEXT_LEN])
     meta[s, M_TEXT_LEN] = keep
-    if meta[s, M_NOINDEX] == 0:
-        clear_index(store, meta, totals, s, tabs)
-        index_range(store, meta, totals, s, 0, max(keep - 1, 0), tabs, hashes)
+    clear_index(store, meta, totals, s, tabs)
+    index_range(store, meta, totals, s, 0, max(keep - 1, 0), tabs, hashes)
     text_extend(store, meta, totals, s, tokens, keep, length, tabs, hashes)
 
 
@@ -1053,3 +1130,17 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
             jw[s, J_FEAT, i] = out[2, row, i]
             counters[T_DRAFTED + out[1, row, i]] += 1
     return rows
+
+
+@njit(cache=True)
+def match_context(store, meta, s, ctx, tabs):
+    """The longest indexed suffix of ctx in slot s's text as (length, end, consistent), or
+    (0, -1, 0): `ContextIndex.match` from Python, for tests."""
+    hashes = np.empty(MAX_ORDER, dtype=np.uint64)
+    result = np.zeros(3, dtype=np.int64)
+    clen = ctx.shape[0]
+    _suffix_hashes(ctx, clen - 1, min(MAX_ORDER, clen), hashes)
+    if _match(store[s * NREG + R_TEXT], store[s * NREG + R_INDEX], meta, s, ctx, clen, hashes,
+              tabs, result, 0):
+        return tabs[T_ORD + result[0]], result[1], result[2]
+    return 0, -1, 0

@@ -86,7 +86,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "live_requests": ("live_requests", "Requests with lookahead state in the worker."),
     "pool_continuations": ("pool_continuations", "n-gram continuations held in the pools."),
     "pool_keys": ("pool_keys", "Keys of the n-gram pools."),
-    "pool_bytes": ("pool_bytes", "Bytes held by the n-gram pools."),
+    "pool_bytes": ("pool_bytes", "Bytes held by the drafter: text indexes, pools, shared corpus."),
     "num_speculative_tokens": ("num_speculative_tokens",
                                "The engine's chain budget K (draft tokens per request per step)."),
 }
