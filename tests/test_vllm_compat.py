@@ -60,3 +60,18 @@ def test_capture_computes_the_argmax_itself_where_vllm_has_no_greedy_dispatcher(
     assert base == 7
     assert drafts.tolist() == [1, 2]
     assert argmax.tolist() == [1, 0]
+
+
+def test_the_front_end_and_the_hooks_do_not_import_numba():
+    """vLLM 0.32's CPU kernel dispatcher scans every loaded module when a worker starts and
+    crashes on llvmlite's library wrapper (`'_lib_fn_wrapper' object has no attribute 'get'`).
+    The plugin's entry point and the modules the front-end loads must therefore leave numba
+    unloaded until the proposer itself is built, after the worker has registered its kernels."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vllm_lookahead, vllm_lookahead.plugin, vllm_lookahead.vllm_compat, "
+            "vllm_lookahead.metrics; vllm_lookahead.register(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -43,10 +43,8 @@ from vllm_lookahead.reference_drafter import (
     _SWEEP_EVERY_STEPS,
     CPU_STEP_COST_PRIOR,
     LookaheadStats,
-    RequestInfo,
-    RequestSource,
 )
-from vllm_lookahead.trajectory import StepTrajectory
+from vllm_lookahead.trajectory import RequestInfo, RequestSource, StepTrajectory
 
 __all__ = ["LookaheadDrafter", "LookaheadStats", "RequestInfo", "RequestSource", "Source"]
 

@@ -1122,7 +1122,8 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
         if s < 0:
             continue
         n = out_len[row]
-        counters[T_CHAINS] += 1
+        if n > 0:
+            counters[T_CHAINS] += 1
         counters[T_DRAFT] += n
         meta[s, M_ISSUED] = n
         for i in range(n):

@@ -91,10 +91,13 @@ class LookaheadProposer:
         # From one propose to the next is one engine step: what the cost model learns from.
         step_seconds = start - self._last_propose if self._last_propose is not None else None
         self._last_propose = start
+        req_ids = vllm_compat.batch_req_ids(runner, len(sampled_token_ids))
+        # Positions without a token id (prompt_embeds, multimodal) read as -1, never as stale ids.
+        token_ids = vllm_compat.drafter_token_ids(runner, token_ids_cpu, num_tokens_no_spec,
+                                                  req_ids)
         drafts = self.drafter.draft_batch(
-            vllm_compat.batch_req_ids(runner, len(sampled_token_ids)), sampled_token_ids,
-            num_tokens_no_spec, token_ids_cpu, trajectory, vllm_compat.RunnerRequests(runner),
-            step_seconds)
+            req_ids, sampled_token_ids, num_tokens_no_spec, token_ids, trajectory,
+            vllm_compat.RunnerRequests(runner), step_seconds)
         self.drafter.stats.propose_seconds += time.perf_counter() - start
         self.chain_lengths.observe(drafts)
         self.stats_writer.after_step(self.snapshot)

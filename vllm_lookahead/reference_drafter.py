@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.config import LookaheadConfig, RequestOptions
+from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.context_index import ContextIndex, SharedCorpus
 from vllm_lookahead.estimator import (
     FILL_FEATURE,
@@ -43,7 +43,7 @@ from vllm_lookahead.estimator import (
 )
 from vllm_lookahead.jacobi_window import JacobiWindow
 from vllm_lookahead.ngram_cache import Candidate, NGramPool
-from vllm_lookahead.trajectory import StepTrajectory
+from vllm_lookahead.trajectory import RequestInfo, RequestSource, StepTrajectory
 
 _SWEEP_EVERY_STEPS = 256
 _CONTEXT = 16
@@ -56,27 +56,6 @@ CPU_STEP_COST_PRIOR = (0.04, 0.008, 0.003)
 starting point; the cost model follows what the steps actually take."""
 
 __all__ = ["LookaheadStats", "ReferenceDrafter", "RequestInfo", "RequestSource", "Source"]
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestInfo:
-    owner: object
-    """vLLM's state object for the request; another object under the same id is a new request."""
-    num_prompt_tokens: int
-    stop_token_ids: frozenset[int]
-    options: RequestOptions = dataclasses.field(default_factory=RequestOptions)
-    """The request's lookahead options (`extra_args`), validated in the front-end."""
-    greedy: bool = True
-    """Decoded greedily; sampled requests accept less, so their acceptance is learned apart."""
-    prompt_mask: np.ndarray | None = None
-    """True where a prompt position holds a real token id (False for positions filled from
-    `prompt_embeds` or multimodal placeholders); None: every position does."""
-
-
-class RequestSource(Protocol):
-    def owner(self, req_id: str) -> object | None: ...
-
-    def info(self, row: int, req_id: str) -> RequestInfo: ...
 
 
 @dataclasses.dataclass
@@ -372,7 +351,8 @@ class ReferenceDrafter:
 
     def _issue(self, state: RequestState, chain: Chain) -> None:
         state.issued = chain
-        self.stats.chains += 1
+        if chain.tokens:  # a chain the cost rule cut to nothing is not a chain
+            self.stats.chains += 1
         self.stats.draft_tokens += len(chain.tokens)
         for source in chain.sources:
             self.stats.drafted_by_source[source] += 1

@@ -1,12 +1,17 @@
-"""What one verification step tells the proposer: per request, the chain that was verified and the
-target's greedy prediction at every chain position (including those after the first rejection)."""
+"""What the engine tells the drafter: per request, what it is (`RequestInfo`, looked up through a
+`RequestSource`), and per verification step, the chain that was verified and the target's greedy
+prediction at every chain position (including those after the first rejection). No numba here: the
+vLLM-facing layer imports this module before vLLM has set up its workers."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
+
+from vllm_lookahead.config import RequestOptions
 
 
 @dataclasses.dataclass
@@ -40,3 +45,24 @@ class StepTrajectory:
             return None
         drafts, argmax = self.arrays()
         return int(self.bases[i]), drafts[lo:hi], argmax[lo:hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestInfo:
+    owner: object
+    """vLLM's state object for the request; another object under the same id is a new request."""
+    num_prompt_tokens: int
+    stop_token_ids: frozenset[int]
+    options: RequestOptions = dataclasses.field(default_factory=RequestOptions)
+    """The request's lookahead options (`extra_args`), validated in the front-end."""
+    greedy: bool = True
+    """Decoded greedily; sampled requests accept less, so their acceptance is learned apart."""
+    prompt_mask: np.ndarray | None = None
+    """True where a prompt position holds a real token id (False for positions filled from
+    `prompt_embeds` or multimodal placeholders); None: every position does."""
+
+
+class RequestSource(Protocol):
+    def owner(self, req_id: str) -> object | None: ...
+
+    def info(self, row: int, req_id: str) -> RequestInfo: ...

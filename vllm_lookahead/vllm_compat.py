@@ -16,6 +16,7 @@ run a lookahead drafter, even where `VLLM_PLUGINS` filtered the entry point):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -26,9 +27,8 @@ import numpy as np
 
 from vllm_lookahead import metrics
 from vllm_lookahead.config import LookaheadConfigError, RequestOptions
-from vllm_lookahead.drafter import RequestInfo
 from vllm_lookahead.log import get_logger
-from vllm_lookahead.trajectory import StepTrajectory
+from vllm_lookahead.trajectory import RequestInfo, StepTrajectory
 
 logger = get_logger(__name__)
 
@@ -127,9 +127,17 @@ def _sample_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         if not _is_lookahead(drafter):
             return original(self, logits, spec_decode_metadata)
         drafter.bind_runner(self)
+        lift_batch_length_gate(self)
         if spec_decode_metadata is None or logits is None:
             drafter.set_trajectory(None)
             return original(self, logits, spec_decode_metadata)
+        if not any(spec_decode_metadata.num_draft_tokens):
+            # No request has a draft this step (prefills, empty chains). vLLM 0.32 builds the
+            # metadata anyway and runs its rejection sampler on zero draft rows, where the CPU
+            # top-k (`apply_top_k_only`: `k.max()` of an empty tensor) raises and kills the
+            # engine for any batch with top_k; its sampler gives the same tokens without drafts.
+            drafter.set_trajectory(None)
+            return original(self, logits, None)
         if not getattr(drafter, "drafts_here", True):
             # Only the output rank's drafts are used: no trajectory to capture on the others.
             drafter.set_trajectory(None)
@@ -144,6 +152,20 @@ def _sample_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         return output
 
     return _sample
+
+
+def lift_batch_length_gate(runner: Any) -> None:
+    """Let every request draft up to max_model_len, whatever the rest of the batch does.
+
+    vLLM calls the proposer only if the batch's longest sequence plus K fits in
+    `effective_drafter_max_model_len` (`_input_fits_in_drafter`, a guard for draft models with a
+    shorter context); otherwise, for the whole batch, it skips the proposer and schedules K zero
+    tokens per request as drafts, which are verified and rejected. Lookahead's chains never pass
+    max_model_len on their own (`LookaheadDrafter._compose` caps each request's chain), and the
+    scheduler caps scheduled tokens at max_model_len too, so the guard is moved out of reach."""
+    limit = int(runner.max_model_len) + int(runner.num_spec_tokens)
+    if getattr(runner, "effective_drafter_max_model_len", limit) < limit:
+        runner.effective_drafter_max_model_len = limit
 
 
 def _removed_hook(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -267,7 +289,77 @@ class RunnerRequests:
                            num_prompt_tokens=int(self._runner.input_batch.num_prompt_tokens[row]),
                            stop_token_ids=frozenset(int(t) for t in stops),
                            options=request_options(req_id, params),
-                           greedy=_is_greedy(params))
+                           greedy=_is_greedy(params),
+                           prompt_mask=prompt_mask(owner))
+
+
+# --- Prompt positions without a token id (prompt_embeds, multimodal placeholders) ---------------
+# vLLM keeps every request's tokens in `input_batch.token_ids_cpu`, but a position filled from
+# `prompt_embeds` has no token id: the runner never writes it, so it holds whatever an earlier
+# request left in that row (another user's text). Multimodal placeholders hold a real id (e.g. an
+# image token repeated), which the model never generates. Neither may be copied into drafts or pad
+# the Jacobi window: the drafter gets a mask (`RequestInfo.prompt_mask`) and sees -1 there.
+
+_MASK_ATTR = "_vllm_lookahead_prompt_mask"
+_NO_MASK = np.ones(0, dtype=bool)  # cached "every prompt position holds a token id"
+
+
+def prompt_mask(req_state: Any) -> np.ndarray | None:
+    """True where a prompt position of vLLM's `CachedRequestState` holds a real token id; None if
+    every position does. Cached on the state object, which lives exactly as long as the request."""
+    cached = getattr(req_state, _MASK_ATTR, None)
+    if cached is None:
+        cached = _compute_prompt_mask(req_state)
+        # A state object with __slots__ cannot hold the cache: recomputed next time then.
+        with contextlib.suppress(AttributeError):
+            setattr(req_state, _MASK_ATTR, _NO_MASK if cached is None else cached)
+        return cached
+    return None if cached is _NO_MASK else cached
+
+
+def _compute_prompt_mask(req_state: Any) -> np.ndarray | None:
+    num_prompt = getattr(req_state, "num_prompt_tokens", None)
+    token_ids = getattr(req_state, "prompt_token_ids", ())
+    if num_prompt is None:
+        num_prompt = len(token_ids) if token_ids is not None else 0
+    mask: np.ndarray | None = None
+    if token_ids is None:
+        mask = np.zeros(num_prompt, dtype=bool)  # prompt_embeds only
+    elif (is_token := getattr(req_state, "prompt_is_token_ids", None)) is not None:
+        mask = np.array(is_token, dtype=bool)  # mixed: embeds parts hold placeholder ids
+    for feature in getattr(req_state, "mm_features", None) or ():
+        where = feature.mm_position
+        if mask is None:
+            mask = np.ones(num_prompt, dtype=bool)
+        span = mask[where.offset:where.offset + where.length]
+        if where.is_embed is None:
+            span[:] = False
+        else:  # only these positions take the encoder's embeddings; the rest are real tokens
+            span[np.asarray(where.is_embed.cpu(), dtype=bool)[:len(span)]] = False
+    return None if mask is None or mask.all() else mask
+
+
+def drafter_token_ids(runner: Any, token_ids_cpu: np.ndarray, num_tokens: np.ndarray,
+                      req_ids: list[str]) -> np.ndarray:
+    """The batch's tokens as the drafter may read them: `token_ids_cpu` itself, or, when some
+    request has prompt positions without a token id, a copy of the batch's rows (up to its longest
+    sequence) with -1 there. vLLM's buffer is never written."""
+    if not (getattr(runner, "enable_prompt_embeds", False)
+            or getattr(runner, "supports_mm_inputs", False)):
+        return token_ids_cpu
+    masked = []
+    for row, req_id in enumerate(req_ids):
+        state = runner.requests.get(req_id)
+        mask = prompt_mask(state) if state is not None else None
+        if mask is not None:
+            masked.append((row, mask))
+    if not masked:
+        return token_ids_cpu
+    rows = len(req_ids)
+    tokens = token_ids_cpu[:rows, :int(num_tokens[:rows].max())].copy()
+    for row, mask in masked:
+        tokens[row, :len(mask)][~mask] = -1
+    return tokens
 
 
 def _is_greedy(params: Any) -> bool:
@@ -302,7 +394,7 @@ def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
         return metrics.StatsWriter([], {})
     index = engine_index(vllm_config)
     stats_dir = getattr(vllm_config.speculative_config, metrics.STATS_DIR_ATTR, None)
-    paths = [os.environ.get(metrics.STATS_PATH_ENV, "")]
+    paths = [metrics.user_stats_path(os.environ.get(metrics.STATS_PATH_ENV, ""))]
     if stats_dir:
         paths.append(metrics.engine_file(stats_dir, index))
     labels = {"model_name": str(vllm_config.model_config.served_model_name),
@@ -433,18 +525,7 @@ def repair_cpu_expand_kernel() -> bool:
         _replaced_expand_impl.append(cpu_tl._expand_kernel_impl)
         cpu_tl._expand_kernel_impl = expand_kernel_cpu
     if not in_use_ok:
-        import logging
-
-        from vllm.triton_utils import dispatcher
-
-        # vLLM warns "already registered. Overwriting." for this intended overwrite; the line
-        # below reports it instead.
-        dispatcher_logger = logging.getLogger(dispatcher.__name__)
-        was_disabled, dispatcher_logger.disabled = dispatcher_logger.disabled, True
-        try:
-            dispatcher.register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
-        finally:
-            dispatcher_logger.disabled = was_disabled
+        _retarget_override(rejection_sampler.expand_kernel, expand_kernel_cpu)
         if not _expands_correctly(rejection_sampler.expand_batch_to_tokens,
                                   fallback_signature=False):
             logger.warning(
@@ -459,6 +540,26 @@ def repair_cpu_expand_kernel() -> bool:
         "used uninitialised temperature/top-p/top-k (scripts/repro_vllm_cpu_spec_sampling.py)",
         vllm_version())
     return True
+
+
+def _retarget_override(override: Any, impl: Callable[..., Any]) -> None:
+    """Point vLLM's registered kernel override at `impl`, in place. Every holder of the kernel
+    shares this one object, so nothing else needs rebinding; `dispatcher.register_kernels` would
+    rescan every loaded module, which crashes on vLLM 0.32 once numba is loaded (llvmlite's library
+    wrapper answers `__dict__` with a function). A wrapper of another shape is left alone (the
+    caller's check then reports that the repair did not take)."""
+    if not all(hasattr(override, name) for name in ("_impl", "func", "arg_names",
+                                                    "_forward_by_name")):
+        return
+    override._impl = impl
+    override.func = impl
+    override._forward_by_name = tuple(inspect.signature(impl).parameters) == \
+        tuple(override.arg_names)
+    from vllm.triton_utils import dispatcher
+
+    registry = getattr(dispatcher, "_registry", {})
+    if EXPAND_KERNEL in registry:
+        registry[EXPAND_KERNEL] = (registry[EXPAND_KERNEL][0], impl)
 
 
 def _expand_override_registered(rejection_sampler: Any) -> bool:
