@@ -199,6 +199,16 @@ def test_only_the_engines_reporting_worker_writes(monkeypatch, tmp_path):
     assert not vllm_compat.stats_writer(config)
 
 
+def test_the_stats_path_names_each_process_its_own_file(monkeypatch, tmp_path):
+    import os
+    import socket
+
+    template = str(tmp_path / "{host}" / "stats-{pid}.json")
+    assert metrics.user_stats_path(template) == \
+        str(tmp_path / socket.gethostname() / f"stats-{os.getpid()}.json")
+    assert metrics.user_stats_path(str(tmp_path / "plain.json")) == str(tmp_path / "plain.json")
+
+
 class _Proposer:
     def __init__(self):
         self.steps = 0

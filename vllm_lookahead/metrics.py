@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import weakref
@@ -72,6 +73,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "trajectory_ngrams": ("trajectory_ngrams",
                           "n-grams harvested from the Jacobi trajectory into the pool."),
     "resyncs": ("resyncs", "Times a request's state was rebuilt from its committed tokens."),
+    "cut_tokens": ("cut_tokens", "Candidate draft tokens the adaptive cut left out (not worth "
+                                 "verifying)."),
+    "memory_evictions": ("memory_evictions",
+                         "Evictions that kept the drafter within its memory budget."),
     "propose_seconds": ("proposer_seconds", "Seconds spent in the lookahead proposer."),
 }
 # snapshot key (a {source: count} dict) -> (metric name, help); label `source`.
@@ -87,6 +92,10 @@ GAUGES: dict[str, tuple[str, str]] = {
     "pool_continuations": ("pool_continuations", "n-gram continuations held in the pools."),
     "pool_keys": ("pool_keys", "Keys of the n-gram pools."),
     "pool_bytes": ("pool_bytes", "Bytes held by the drafter: text indexes, pools, shared corpus."),
+    "memory_budget_bytes": ("memory_budget_bytes", "The drafter's memory budget (bytes)."),
+    "shared_tokens": ("shared_tokens", "Tokens held in the cross-request corpus."),
+    "token_cost_s": ("token_cost_seconds",
+                     "The step-cost model's seconds per verified token (what the cut weighs)."),
     "num_speculative_tokens": ("num_speculative_tokens",
                                "The engine's chain budget K (draft tokens per request per step)."),
 }
@@ -94,7 +103,7 @@ GAUGES: dict[str, tuple[str, str]] = {
 # missing from a snapshot).
 TOTALS = {"draft_tokens": "drafted_by_source", "accepted_tokens": "accepted_by_source"}
 # Keys that are not metrics of their own (labels, config, the histogram's raw counts, ...).
-_NOT_METRICS = {"config", "adaptive", META, CHAIN_LENGTHS}
+_NOT_METRICS = {"config", "adaptive", "step_cost_fit", META, CHAIN_LENGTHS}
 _KNOWN_NAMES = {name for name, *_ in (*COUNTERS.values(), *BY_SOURCE.values(), *GAUGES.values())}
 
 
@@ -181,6 +190,12 @@ def _write_atomically(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def user_stats_path(template: str) -> str:
+    """`$VLLM_LOOKAHEAD_STATS_PATH` with `{host}` and `{pid}` replaced by this process's host name
+    and process id, so that one setting gives every replica of a cluster its own file."""
+    return template.replace("{host}", socket.gethostname()).replace("{pid}", str(os.getpid()))
 
 
 def engine_file(stats_dir: str, engine_index: int) -> str:
