@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The published tables (benchmarks/README.md): every method at equal K=8 (ngram, suffix,
 # lookahead), suffix also at vLLM's default K, `none` as the baseline, on all four prompt sets and
-# the related workload, at concurrency 1, 8 and 32, greedy, side by side in one run per model.
-# Each concurrency sends its own prompts (disjoint slices of every set), so cross-request caches
-# stay at their defaults. Sized for a 2-core CPU:
-#   SmolLM2-135M, float32: 5 / 16 / 32 prompts per set at c=1 / 8 / 32, 128 new tokens
+# the related workload, greedy, side by side in one run per model, with lookahead's ablation points
+# next to its defaults (A=0: a fixed chain of K; S=0: no cross-request corpus; G=1: one
+# continuation per pool key). Each concurrency sends its own prompts (disjoint slices of every
+# set), so cross-request caches stay at their defaults. Sized for a 2-core CPU:
+#   SmolLM2-135M, float32: 4 / 8 / 32 prompts per set at c=1 / 8 / 32, 96 new tokens
 #     (about 55 minutes);
 #   Qwen2.5-Coder-1.5B, bfloat16 (float32 runs at half its speed here; divergence from `none`
-#     is reported): 4 / 8 / 32 prompts per set, 80 new tokens (about 1 hour 35 minutes).
+#     is reported): 4 / 8 prompts per set at c=1 / 8, 64 new tokens, lookahead's fixed chain
+#     as the one ablation point (about 45 minutes).
 # The estimates are printed first (from reference rates; they assume every request generates all
 # its tokens and every method runs as fast as `none`), then each cell reports progress.
 #
@@ -18,10 +20,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${OUT:-benchmarks/results}
-SMOLLM2=(--model smollm2-135m --num-prompts 1:5,8:16,32:32 --max-tokens 128
-         --concurrency 1,8,32 --out "$OUT/smollm2-135m-k8")
-QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 1:4,8:8,32:32 --max-tokens 80
-      --concurrency 1,8,32 --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
+SMOLLM2=(--model smollm2-135m --num-prompts 1:4,8:8,32:32 --max-tokens 96
+         --concurrency 1,8,32 --lookahead-grid "A=0;S=0;G=1" --out "$OUT/smollm2-135m-k8")
+QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 1:4,8:8 --max-tokens 64
+      --concurrency 1,8 --methods none,ngram,suffix,lookahead --lookahead-grid "A=0"
+      --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
 RUNS=("${@:-smollm2 qwen}")
 read -r -a RUNS <<< "${RUNS[*]}"
 

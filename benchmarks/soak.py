@@ -398,7 +398,10 @@ async def run_load(url: str, model: str, requests: list[Request], concurrency: i
                 print(f"  {progress[0]}/{len(requests)} done in {now - start:.0f} s, "
                       f"{failed} failed", flush=True)
 
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    # A fresh connection per request: a reused keep-alive connection that the server closes as
+    # idle (uvicorn: after 5 s) while the client sends on it fails with ServerDisconnectedError,
+    # a race of HTTP keep-alive under a stalled machine, not a fault of the server.
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     return [o for o in outcomes if o is not None]
