@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.models import MODELS, cache_root, ensure_model
 from vllm_lookahead.config import MAX_SPEC_LEN
-from vllm_lookahead.proposer import STATS_PATH_ENV
+from vllm_lookahead.metrics import STATS_PATH_ENV
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

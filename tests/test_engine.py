@@ -151,3 +151,28 @@ def test_preempted_requests_keep_their_state_and_outputs(tiny_model, prompts, ba
     assert first_difference(baseline, out) is None
     assert stats["resyncs"] == 0
     assert stats["accepted_tokens"] > 0
+
+
+NUMBA_FIRST = """
+import sys
+import numba  # noqa: F401  (loaded before vLLM starts its worker, as a user's script may)
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True,
+          speculative_config={"method": "lookahead", "num_speculative_tokens": 4})
+out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
+                   SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+print("TOKENS", len(out[0].outputs[0].token_ids))
+"""
+
+
+def test_an_engine_starts_in_a_process_that_loaded_numba_first(tiny_model):
+    """vLLM 0.32's worker start-up scans every loaded module and crashed on llvmlite's library
+    wrapper ('_lib_fn_wrapper' object has no attribute 'get') once numba was loaded: here the
+    engine core and its worker run in the script's own process, after `import numba`."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", NUMBA_FIRST, tiny_model], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "TOKENS 8" in proc.stdout, proc.stderr[-3000:]

@@ -75,3 +75,14 @@ def test_the_front_end_and_the_hooks_do_not_import_numba():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_llvmlites_library_wrapper_survives_vllms_module_scan():
+    """vLLM's kernel-override scan calls vars(value).get(...) on every module attribute with a
+    __dict__; llvmlite's wrapper must not claim one, and must still resolve its symbols."""
+    from llvmlite.binding import ffi
+
+    vllm_compat.make_llvmlite_scan_safe()
+    vllm_compat.make_llvmlite_scan_safe()  # idempotent
+    assert not hasattr(ffi.lib, "__dict__")
+    assert callable(ffi.lib.LLVMPY_GetVersionInfo)

@@ -59,8 +59,13 @@ class LookaheadRequestError(VLLMValidationError, LookaheadConfigError):
 
 
 def register() -> None:
-    """Entry point; vLLM calls it in every process, possibly more than once."""
+    """Entry point; vLLM calls it in every process, possibly more than once (in a worker, just
+    before vLLM scans the loaded modules for its kernel overrides)."""
     from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_lookahead import vllm_compat
+
+    vllm_compat.make_llvmlite_scan_safe()
 
     if not getattr(EngineArgs.create_speculative_config, _MARK, False):
         EngineArgs.create_speculative_config = _translating(EngineArgs.create_speculative_config)

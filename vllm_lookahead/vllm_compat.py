@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,7 @@ def check_synchronous_scheduling(vllm_config: Any) -> None:
 
 def install_runner_hooks() -> None:
     check_vllm_version()
+    make_llvmlite_scan_safe()  # the proposer has loaded numba; a later engine in this process scans
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -540,6 +542,33 @@ def repair_cpu_expand_kernel() -> bool:
         "used uninitialised temperature/top-p/top-k (scripts/repro_vllm_cpu_spec_sampling.py)",
         vllm_version())
     return True
+
+
+def make_llvmlite_scan_safe() -> None:
+    """Keep vLLM's worker start-up working once numba is loaded in the process. Each worker, before
+    it builds its model, re-binds the CPU kernel overrides by scanning every attribute of every
+    loaded module (`vllm.triton_utils.dispatcher._rebind_kernels`, vLLM 0.32) and calls
+    `vars(value).get(...)` on any value that has a `__dict__`. llvmlite's library wrapper
+    (`llvmlite.binding.ffi.lib`, a `__slots__` class) answers every missing attribute, `__dict__`
+    included, with a ctypes function, so the scan raises `'_lib_fn_wrapper' object has no
+    attribute 'get'` and the engine fails to start, with or without speculation, whenever numba
+    was imported first: a script that imports numba before `LLM()`, or a second in-process engine
+    after one whose lookahead proposer loaded the drafter's kernels. Special (dunder) names on the
+    wrapper now raise AttributeError, as on any object that lacks them; llvmlite itself looks up
+    only `LLVMPY_*` symbols there. Idempotent; nothing happens until llvmlite is loaded."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    wrapper = getattr(ffi, "_lib_wrapper", None)
+    original = getattr(wrapper, "__getattr__", None)
+    if original is None or getattr(original, _MARK, False):
+        return
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return original(self, name)
+
+    setattr(__getattr__, _MARK, True)
+    wrapper.__getattr__ = __getattr__
 
 
 def _retarget_override(override: Any, impl: Callable[..., Any]) -> None:
