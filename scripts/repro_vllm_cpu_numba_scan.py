@@ -4,7 +4,8 @@ _rebind_kernels`) calls `vars(value).get("kernel")` on llvmlite's library wrappe
 `__getattr__` answers `__dict__` with a ctypes function, and the engine fails to start with
 `AttributeError: '_lib_fn_wrapper' object has no attribute 'get'`, with or without speculation.
 
-    VLLM_PLUGINS=none VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/repro_vllm_cpu_numba_scan.py MODEL
+    VLLM_PLUGINS=none VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+        python scripts/repro_vllm_cpu_numba_scan.py MODEL
 
 The engine core runs in this process here, so the worker sees this script's `import numba`; with
 vllm-lookahead installed (VLLM_PLUGINS unset) the plugin makes the wrapper refuse special names
