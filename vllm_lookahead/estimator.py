@@ -192,6 +192,10 @@ class CostModel:
     def predict(self, rows: int, tokens: int) -> float:
         return float(kernels.cost_predict(self.state, float(rows), float(tokens)))
 
+    def reach_floor(self, rows: int) -> float:
+        """Below this reach no draft token of `rows` chains survives `cut_chains`."""
+        return float(kernels.reach_floor(self.state, float(rows)))
+
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         kernels.cost_observe(self.state, float(rows), float(tokens), float(seconds))
 

@@ -766,6 +766,19 @@ def cost_predict(st, rows, tokens):
 
 
 @register_jitable
+def reach_floor(st, rows):
+    """The reach below which the cut (`estimator.cut_chains`) keeps no draft token of a batch of
+    `rows` chains, less a margin for rounding, so that composing can stop there. The cut keeps a
+    token of reach q only while q * step > c * expected, and every token kept before it has reach
+    >= q; after k of them, q * (S0 + c * k) > c * (rows + k * q), so q * S0 > c * rows (S0: the
+    predicted step without drafts, c: the cost of a verified token). 0 if c is not positive."""
+    c = st[CS_THETA + 2]
+    if c <= 0.0:
+        return 0.0
+    return c * rows / cost_predict(st, rows, rows) * (1.0 - 1e-6)
+
+
+@register_jitable
 def cost_observe(st, rows, tokens, seconds):
     """One step's time: update the decayed statistics and refit."""
     # One pause (a client gone quiet, a GC, a busy machine) must not teach the model that
@@ -905,9 +918,10 @@ def _offer(otok, op, oprim, osrc, okind, orun, noff, token, kind, source, primar
 
 @njit(cache=True)
 def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out, out_reach, row,
-             scratch, hashes, result, otok, op, oprim, osrc, okind, orun):
+             scratch, hashes, result, otok, op, oprim, osrc, okind, orun, floor):
     """LookaheadDrafter._compose for one row: the chain, its per-token reach, sources and
-    features (out[0], out_reach, out[1], out[2]); returns its length."""
+    features (out[0], out_reach, out[1], out[2]); returns its length. It stops after the first
+    token whose reach is below `floor` (no later token could survive the cut)."""
     c, mkl = tabs[C_CONT], tabs[C_MKL]
     support, hits_max, tpool = tabs[C_SUPPORT], tabs[C_HITS], tabs[C_TPOOL]
     g = meta[s, M_GREEDY]
@@ -1003,10 +1017,12 @@ def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out,
         scratch[clen] = token
         clen += 1
         n += 1
+        if reach < floor:
+            break
         run_node, run_j, run_k, run_hits = orun[best, 0], orun[best, 1], orun[best, 2], \
             orun[best, 3]
     nfill = meta[s, M_NFILL]
-    if n < budget and nfill > 0:
+    if n < budget and nfill > 0 and reach >= floor:
         fill = store[s * NREG + R_FILL]
         fill_feat = tabs[C_FILLFEAT]
         p_fill = acc[2, g, fill_feat]
@@ -1017,6 +1033,8 @@ def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out,
             out[2, row, n] = fill_feat
             out_reach[row, n] = reach
             n += 1
+            if reach < floor:
+                break
     _issue_window(meta, jw, jl, tabs, s, length, out, row, n)
     return n
 
@@ -1093,6 +1111,7 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
     if flags & 1:
         # Only steps that verified nothing but these chains: a prefill would skew the fit.
         cost_observe(cost, float(rows), float(rows + verified), seconds)
+    floor = reach_floor(cost, float(rows)) if flags & 2 else 0.0
     k_max, mkl, g = tabs[C_K], tabs[C_MKL], tabs[C_G]
     ctx = np.empty(MAX_ORDER + k_max + 1, dtype=np.int64)
     result = np.empty(3, dtype=np.int64)
@@ -1111,7 +1130,7 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
             continue
         n = _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, token_ids[row],
                      np.int64(num_tokens[row]), out, out_reach, row, ctx, hashes, result, otok,
-                     op, oprim, osrc, okind, orun)
+                     op, oprim, osrc, okind, orun, floor)
         out_len[row] = n
         total += n
     if flags & 2 and rows > 0:

@@ -16,7 +16,8 @@ the next chains:
 2. **Jacobi guesses** then fill the positions for which no source bids, and seeded prompt tokens
    (LADE's window start) the rest, up to K.
 3. **The cut.** With `adaptive` on (the CPU default), the batch keeps only the draft tokens whose
-   probability of being reached and accepted pays for verifying them (`estimator.cut_chains`).
+   probability of being reached and accepted pays for verifying them (`estimator.cut_chains`);
+   composing stops once a token's reach is below what the cut could ever keep.
    Off (GPUs), every chain is K tokens, so that CUDA graphs cover the batch.
 """
 
@@ -167,13 +168,14 @@ class ReferenceDrafter:
                 traj_row = trajectory.row(req_ids[row]) if trajectory is not None else None
                 verified += self._sync(state, token_ids[row], int(num_tokens[row]),
                                        len(sampled[row]), traj_row)
-        chains = [None if state is None else self._compose(state, token_ids[row],
-                                                           int(num_tokens[row]))
-                  for row, state in enumerate(states)]
-        rows = sum(1 for c in chains if c is not None)
+        rows = sum(1 for state in states if state is not None)
         if step_seconds is not None and rows == len(req_ids) and not admitted:
             # Only steps that verified nothing but these chains: a prefill would skew the fit.
             self.cost.observe(rows, rows + verified, step_seconds)
+        floor = self.cost.reach_floor(rows) if self.adaptive else 0.0
+        chains = [None if state is None else self._compose(state, token_ids[row],
+                                                           int(num_tokens[row]), floor)
+                  for row, state in enumerate(states)]
         self._cut([c for c in chains if c is not None])
         drafts = []
         for req_id, chain in zip(req_ids, chains, strict=True):
@@ -269,10 +271,12 @@ class ReferenceDrafter:
             self.stats.accepted_by_source[source] += 1
         state.acceptance.observe(issued.features[:verified], accepted)
 
-    def _compose(self, state: RequestState, tokens: np.ndarray, length: int) -> Chain:
+    def _compose(self, state: RequestState, tokens: np.ndarray, length: int,
+                 floor: float = 0.0) -> Chain:
         """The longest chain worth considering (`_cut` shortens it): at each position the token
-        with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens and
-        never past max_model_len."""
+        with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens,
+        never past max_model_len, and no further than the first token whose reach is below
+        `floor`, since the cut keeps no token below it (`CostModel.reach_floor`)."""
         budget = min(state.budget, self.max_model_len - length - 1)
         chain = Chain()
         if budget <= 0:
@@ -290,11 +294,24 @@ class ReferenceDrafter:
             p, token, source, feat, run = bid
             chain.push(token, source, feat, p)
             context.append(token)
+            if chain.reach[-1] < floor:
+                break
         p_fill = state.acceptance.p(FILL_FEATURE)
-        for token in state.window.random_fill(budget - len(chain.tokens)).tolist():
+        for token in state.window.random_fill(self._fill_count(chain, budget, p_fill,
+                                                               floor)).tolist():
             chain.push(token, Source.FILL, FILL_FEATURE, p_fill)
         state.window.issue(length, chain.tokens)
         return chain
+
+    @staticmethod
+    def _fill_count(chain: Chain, budget: int, p_fill: float, floor: float) -> int:
+        """How many fill tokens follow: up to the budget, through the first below `floor`."""
+        reach = chain.reach[-1] if chain.reach else 1.0
+        count = 0
+        while reach >= floor and len(chain.tokens) + count < budget:
+            reach *= p_fill
+            count += 1
+        return count
 
     def _best_bid(self, state: RequestState, shared: ContextIndex | None, context: list[int],
                   guess: int, pos: int, run: tuple[Candidate, int] | None,
