@@ -192,18 +192,19 @@ def server_processes(server: Server) -> dict[str, Any]:
     return found
 
 
-class MemorySampler:
-    """RSS of each server process every `interval` seconds, with the progress at that time."""
+class Periodic:
+    """Calls `tick` every `interval` seconds in a thread, for the duration of a `with` block, and
+    once more as the block ends."""
 
-    def __init__(self, server: Server, progress: list[int], interval: float = 2.0) -> None:
-        self.procs = server_processes(server)
-        self.progress = progress
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.samples: list[tuple[float, int, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> MemorySampler:
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Periodic:
         self.start = time.monotonic()
         self._thread.start()
         return self
@@ -214,10 +215,23 @@ class MemorySampler:
 
     def _run(self) -> None:
         while True:
-            self.sample()
+            self.tick()
             if self._stop.wait(self.interval):
-                self.sample()
+                self.tick()
                 return
+
+
+class MemorySampler(Periodic):
+    """RSS of each server process every `interval` seconds, with the progress at that time."""
+
+    def __init__(self, server: Server, progress: list[int], interval: float = 2.0) -> None:
+        super().__init__(interval)
+        self.procs = server_processes(server)
+        self.progress = progress
+        self.samples: list[tuple[float, int, dict[str, float]]] = []
+
+    def tick(self) -> None:
+        self.sample()
 
     def sample(self) -> None:
         rss = {}
@@ -407,27 +421,16 @@ async def run_load(url: str, model: str, requests: list[Request], concurrency: i
     return [o for o in outcomes if o is not None]
 
 
-class HealthPoller:
+class HealthPoller(Periodic):
     """GET /health every `interval` seconds in a thread: every answer and its latency."""
 
     def __init__(self, url: str, interval: float = 1.0, timeout: float = 10.0) -> None:
-        self.url, self.interval, self.timeout = url, interval, timeout
+        super().__init__(interval)
+        self.url, self.timeout = url, timeout
         self.results: list[tuple[bool, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> HealthPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.results.append(health(self.url, self.timeout))
-            self._stop.wait(self.interval)
+    def tick(self) -> None:
+        self.results.append(health(self.url, self.timeout))
 
 
 # --- the run -------------------------------------------------------------------------------------
