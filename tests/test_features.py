@@ -261,7 +261,10 @@ def long_prompts(prompts, lengths):
 def test_chunked_prefill_of_prompts_longer_than_the_token_budget(base, la, prompts):
     mixed = long_prompts(prompts, [300, 700, 900, 520]) + prompts[:6]
     assert max(len(p) for p in mixed) > BUDGET
+    before = stats(la)["prompt_tokens_indexed_in_prefill"]
     assert_same(base, la, mixed, params(ignore_eos=True))
+    # The long prompts were indexed while vLLM prefilled them, not all at their first sample.
+    assert stats(la)["prompt_tokens_indexed_in_prefill"] - before >= 3 * BUDGET
 
 
 def test_requests_that_run_into_max_model_len(base, la, prompts):

@@ -42,6 +42,7 @@ from vllm_lookahead.estimator import (
 from vllm_lookahead.reference_drafter import (
     _SWEEP_EVERY_STEPS,
     CPU_STEP_COST_PRIOR,
+    BaseDrafter,
     LookaheadStats,
 )
 from vllm_lookahead.trajectory import RequestInfo, RequestSource, StepTrajectory
@@ -52,6 +53,13 @@ _MASK64 = (1 << 64) - 1
 _HITS_TABLE = 64
 """Hits rows of the pool feature table; pool_primary saturates far below (POOL_HITS)."""
 _NONE = np.zeros(0, dtype=np.int64)
+ADMIT_CHUNK = 4096
+"""vLLM's prefill tokens per step (`max_num_batched_tokens`) where the engine does not say: a
+request's prompt is indexed while vLLM prefills it, up to where vLLM can have got by the end of
+each step, so that indexing a long prompt costs each step no more than its share of what vLLM
+prefills in it, and no step stalls for a whole long prompt (32k tokens: about 5 ms on this
+project's CPU). Whatever remains is indexed at the first sample, where the reference drafter
+indexes it whole (the same index, the same chains)."""
 _STAT_FIELDS = ("chains", "draft_tokens", "cut_tokens", "verified_chains", "verified_tokens",
                 "accepted_tokens", "trajectory_ngrams", "resyncs")
 
@@ -64,6 +72,10 @@ class SlotHandle:
     owner: object
     namespace: str | None
     share: bool
+    prompt: np.ndarray | None = None
+    """The prompt as stored, until the first sample: it is being indexed (`indexed` tokens so
+    far); the kernels see the slot only once the prompt is whole."""
+    indexed: int = 0
 
 
 class AcceptanceView:
@@ -80,19 +92,17 @@ class AcceptanceView:
         return self._tables[2, self._index].tolist()
 
 
-class LookaheadDrafter:
+class LookaheadDrafter(BaseDrafter[SlotHandle]):
     def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
                  adaptive: bool = False,
-                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
-        self.cfg = cfg
-        self.k = num_speculative_tokens
-        self.adaptive = adaptive
-        self.max_model_len = max_model_len
-        self.states: dict[str, SlotHandle] = {}
+                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR,
+                 prefill_chunk: int | None = None) -> None:
+        super().__init__(cfg, num_speculative_tokens, max_model_len, adaptive, step_cost_prior)
+        self.prefill_chunk = prefill_chunk or ADMIT_CHUNK
+        self.indexed_in_prefill = 0
+        """Prompt tokens indexed in steps that prefilled them, before the first sample."""
         self._stats = LookaheadStats()
         self._counters = np.zeros(kn.T_FIELDS, dtype=np.int64)
-        self._cost_prior = step_cost_prior
-        self.cost = CostModel(step_cost_prior)
         self.budget_bytes = cfg.memory_budget_mib << 20
         self.evictions = 0
         self._init_acceptance()
@@ -246,19 +256,27 @@ class LookaheadDrafter:
                   token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
                   ) -> tuple[bool, bool]:
         """Each row's slot (-1: nothing committed this step) and sample count into `rowsin`,
-        admitting new requests; returns whether any was admitted and whether every row has a
-        slot."""
+        admitting new requests; returns whether a prompt was completed (a request's first
+        sample, where the reference admits it) and whether every row has a slot."""
         slots = []
         admitted = False
         states, owner = self.states, requests.owner
         for row, (req_id, sample) in enumerate(zip(req_ids, sampled, strict=True)):
-            if not sample:
-                # A partial prefill chunk or a discarded sample: nothing was committed.
-                slots.append(-1)
-                continue
             handle = states.get(req_id)
             if handle is None or owner(req_id) is not handle.owner:
                 handle = self._admit(row, req_id, token_ids[row], requests)
+            if not sample:
+                # A prefill chunk or a discarded sample: nothing was committed. A prompt being
+                # prefilled is indexed meanwhile, as far as vLLM's prefill can reach this step.
+                if handle.prompt is not None:
+                    before = handle.indexed
+                    self._index_prompt(handle, requests.prefilled(req_id) + self.prefill_chunk)
+                    self.indexed_in_prefill += handle.indexed - before
+                slots.append(-1)
+                continue
+            if handle.prompt is not None:
+                self._index_prompt(handle, len(handle.prompt))
+                handle.prompt = None
                 admitted = True
             slots.append(handle.slot)
         rowsin[0] = slots
@@ -296,6 +314,7 @@ class LookaheadDrafter:
 
     def _admit(self, row: int, req_id: str, tokens: np.ndarray,
                requests: RequestSource) -> SlotHandle:
+        """A slot for a request seen for the first time, its prompt not yet indexed."""
         old = self.states.pop(req_id, None)
         if old is not None:
             self._release(old)
@@ -328,11 +347,20 @@ class LookaheadDrafter:
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt[:] = -1
-        kn.extend_text(self._store, self._meta, self._counters, slot, prompt, self._tabs)
-        handle = SlotHandle(slot, info.owner, info.options.namespace, share)
+        kn.reserve_text(self._store, self._meta, self._counters, slot, len(prompt), self._tabs)
+        handle = SlotHandle(slot, info.owner, info.options.namespace, share, prompt)
         self.states[req_id] = handle
-        self._enforce_budget()
         return handle
+
+    def _index_prompt(self, handle: SlotHandle, upto: int) -> None:
+        """Extend the slot's text with its prompt up to `upto` tokens."""
+        assert handle.prompt is not None
+        upto = min(upto, len(handle.prompt))
+        if upto > handle.indexed:
+            kn.extend_text(self._store, self._meta, self._counters, handle.slot,
+                           handle.prompt[handle.indexed:upto], self._tabs)
+            handle.indexed = upto
+            self._enforce_budget()
 
     def _namespace_id(self, namespace: str | None) -> int:
         nsid = self._namespaces.setdefault(namespace, len(self._namespaces))
@@ -340,11 +368,6 @@ class LookaheadDrafter:
             self._nsmap = np.concatenate([self._nsmap, np.full(len(self._nsmap), -1)])
             self._fixed = None
         return nsid
-
-    def remove(self, req_id: str) -> None:
-        handle = self.states.pop(req_id, None)
-        if handle is not None:
-            self._release(handle)
 
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
@@ -426,6 +449,7 @@ class LookaheadDrafter:
         d["memory_budget_bytes"] = self.budget_bytes
         d["memory_evictions"] = self.evictions
         d["shared_tokens"] = len(self.shared)
+        d["prompt_tokens_indexed_in_prefill"] = self.indexed_in_prefill
         d["token_cost_s"] = self.cost.token_cost
         d["step_cost_fit"] = self.cost.theta.tolist()
         return d

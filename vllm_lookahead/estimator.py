@@ -169,7 +169,7 @@ class CostModel:
     """
 
     def __init__(self, prior: tuple[float, float, float], half_life: float = 200.0,
-                 prior_steps: float = 50.0) -> None:
+                 prior_steps: float = 20.0) -> None:
         self.state = np.zeros(kernels.CS_FIELDS)
         self.state[kernels.CS_SHAPE:kernels.CS_SHAPE + 3] = prior
         self.state[kernels.CS_THETA:kernels.CS_THETA + 3] = prior

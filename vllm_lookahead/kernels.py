@@ -401,6 +401,17 @@ def extend_text(store, meta, counters, s, tokens, tabs):
 
 
 @njit(cache=True)
+def reserve_text(store, meta, totals, s, n, tabs):
+    """Room for n tokens of text in an empty slot and for their index, sized as `extend_text` of
+    all n at once sizes it: a prompt indexed over several steps then rebuilds no table on the way
+    and ends up in the same arrays."""
+    if meta[s, M_NOINDEX] != 0 or n < 2:
+        return
+    _grow(store, meta, totals, s, R_TEXT, n)
+    _reserve_index(store, meta, totals, s, n - 1, tabs)
+
+
+@njit(cache=True)
 def evict_text(store, meta, totals, s, tabs):
     """Drop slot s's text and index for good (the memory budget): it drafts from its pool and
     Jacobi window only, and its output is not shared when it finishes."""

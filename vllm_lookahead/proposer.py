@@ -41,8 +41,9 @@ class LookaheadProposer:
         adaptive = cfg.adaptive
         if adaptive is None:
             adaptive = getattr(vllm_config.device_config, "device_type", "") == "cpu"
-        self.drafter = LookaheadDrafter(cfg, spec.num_speculative_tokens,
-                                        vllm_config.model_config.max_model_len, adaptive)
+        self.drafter = LookaheadDrafter(
+            cfg, spec.num_speculative_tokens, vllm_config.model_config.max_model_len, adaptive,
+            prefill_chunk=getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None))
         # vLLM takes the drafts of one rank only (tensor-parallel rank 0 of the last pipeline
         # stage: take_draft_token_ids replies from the executor's output rank); the others
         # propose empty chains and capture no trajectory, instead of work thrown away.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -52,11 +52,17 @@ _CONTEXT = 16
 # Kinds of source, as bits: a token's support is how many kinds propose it.
 _OWN, _SHARED, _POOL, _JACOBI = 1, 2, 4, 8
 _KINDS = [bin(kinds).count("1") for kinds in range(16)]
-CPU_STEP_COST_PRIOR = (0.04, 0.008, 0.003)
-"""Seconds per step, per row and per verified token: a small model on a few CPU cores. Only a
+CPU_STEP_COST_PRIOR = (0.04, 0.0005, 0.003)
+"""Seconds per step, per row and per verified token: a small model on a few CPU cores, where the
+forward is compute-bound and a draft token costs about what a row does (SmolLM2 fp32 on this
+project's 2-core VM: 43 ms per step at 1 row, 53 at 8, 130 at 32; 3-4 ms per draft token at 8
+and 32 rows). Only the shape counts (the fit scales it to the observed steps), and it is only a
 starting point; the cost model follows what the steps actually take."""
 
-__all__ = ["LookaheadStats", "ReferenceDrafter", "RequestInfo", "RequestSource", "Source"]
+StateT = TypeVar("StateT")
+
+__all__ = ["BaseDrafter", "LookaheadStats", "ReferenceDrafter", "RequestInfo", "RequestSource",
+           "Source"]
 
 
 @dataclasses.dataclass
@@ -124,7 +130,10 @@ class RequestState:
         self.issued = Chain()
 
 
-class ReferenceDrafter:
+class BaseDrafter(Generic[StateT]):
+    """What both drafters are given and keep alike: the settings, the live requests' states by
+    request id and the step cost model; `remove` releases a finished request's state."""
+
     def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
                  adaptive: bool = False,
                  step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
@@ -132,12 +141,28 @@ class ReferenceDrafter:
         self.k = num_speculative_tokens
         self.adaptive = adaptive
         self.max_model_len = max_model_len
-        self.states: dict[str, RequestState] = {}
+        self.states: dict[str, StateT] = {}
+        self._cost_prior = step_cost_prior
+        self.cost = CostModel(step_cost_prior)
+
+    def remove(self, req_id: str) -> None:
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self._release(state)
+
+    def _release(self, state: StateT) -> None:
+        raise NotImplementedError
+
+
+class ReferenceDrafter(BaseDrafter[RequestState]):
+    def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
+                 adaptive: bool = False,
+                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
+        super().__init__(cfg, num_speculative_tokens, max_model_len, adaptive, step_cost_prior)
         self.stats = LookaheadStats()
         # Sampled requests accept a draft with the target's probability of it, not its argmax:
         # they learn their own acceptance.
         self.acceptance = {True: AcceptanceModel(), False: AcceptanceModel()}
-        self.cost = CostModel(step_cost_prior)
         self.shared = SharedCorpus(cfg.shared_pool_tokens)
 
     def draft_batch(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
@@ -188,12 +213,7 @@ class ReferenceDrafter:
             self._sweep(requests)
         return drafts
 
-    def remove(self, req_id: str) -> None:
-        state = self.states.pop(req_id, None)
-        if state is not None:
-            self._share(state)
-
-    def _share(self, state: RequestState) -> None:
+    def _release(self, state: RequestState) -> None:
         """A finished request's output joins its namespace's shared corpus."""
         if state.share:
             self.shared.add(state.namespace, state.text.tokens[state.num_prompt_tokens:])
@@ -202,7 +222,7 @@ class ReferenceDrafter:
                requests: RequestSource) -> RequestState:
         old = self.states.pop(req_id, None)
         if old is not None:
-            self._share(old)
+            self._release(old)
         info = requests.info(row, req_id)
         prompt = tokens[:info.num_prompt_tokens].tolist()
         if info.prompt_mask is not None:

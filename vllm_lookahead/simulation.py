@@ -22,6 +22,8 @@ class Requests:
 
     def __init__(self) -> None:
         self._infos: dict[str, RequestInfo] = {}
+        self.computed: dict[str, int] = {}
+        """Tokens computed before this step, of requests still in their prefill."""
 
     def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
@@ -32,6 +34,7 @@ class Requests:
 
     def remove(self, rid: str) -> None:
         del self._infos[rid]
+        self.computed.pop(rid, None)
 
     def owner(self, rid: str) -> object | None:
         info = self._infos.get(rid)
@@ -40,15 +43,23 @@ class Requests:
     def info(self, row: int, rid: str) -> RequestInfo:
         return self._infos[rid]
 
+    def prefilled(self, rid: str) -> int:
+        return self.computed.get(rid, 0)
+
 
 class SimulatedEngine:
-    """Requests `req-0, req-1, ...` with the given prompts, decoded greedily by `model`."""
+    """Requests `req-0, req-1, ...` with the given prompts, decoded greedily by `model`. With a
+    `prefill_chunk`, a prompt is prefilled that many tokens per step, as vLLM's chunked prefill
+    does: a request's rows sample nothing until its last chunk."""
 
     def __init__(self, cfg: LookaheadConfig, k: int, prompts: Sequence[Sequence[int]],
                  model: NextToken, seed: int = 0, adaptive: bool = False,
                  max_len: int = 256,
-                 drafter: Callable[..., Any] = LookaheadDrafter) -> None:
+                 drafter: Callable[..., Any] = LookaheadDrafter,
+                 prefill_chunk: int | None = None) -> None:
         self.model = model
+        self.prefill_chunk = prefill_chunk
+        self._prefill_steps: dict[str, int] = {}
         self.max_len = max_len
         self.drafter = drafter(cfg, k, max_len, adaptive)
         self.requests = Requests()
@@ -66,11 +77,14 @@ class SimulatedEngine:
         self.requests.add(rid, len(prompt), options, prompt_mask, greedy, stop_token_ids)
         self.tokens[rid] = list(prompt)
         self.drafts[rid] = []
+        if self.prefill_chunk is not None:
+            self._prefill_steps[rid] = 0
         return rid
 
     def finish(self, rid: str) -> None:
         """The request ends, as vLLM removes it: the drafter frees (and may share) its state."""
         self.requests.remove(rid)
+        self._prefill_steps.pop(rid, None)
         self.drafter.remove(rid)
         self.drafts[rid] = []
 
@@ -80,6 +94,11 @@ class SimulatedEngine:
         bases, flat_d, flat_y, cu, sampled = [], [], [], [0], []
         for rid in rids:
             toks, d = self.tokens[rid], self.drafts[rid]
+            if self._prefills(rid):
+                bases.append(len(toks))
+                cu.append(cu[-1])
+                sampled.append([])
+                continue
             y = [self.model(toks + d[:j]) for j in range(len(d) + 1)]
             a = next((j for j in range(len(d)) if d[j] != y[j]), len(d))
             bases.append(len(toks))
@@ -103,6 +122,20 @@ class SimulatedEngine:
             if not all(isinstance(t, int) for t in d):
                 raise TypeError(f"drafts must be Python ints, got {d!r}")
             self.drafts[rid] = d
+
+    def _prefills(self, rid: str) -> bool:
+        """Whether this step computes one of the request's prefill chunks before its last one
+        (which samples). Like vLLM, the engine then reports the tokens computed before it."""
+        steps = self._prefill_steps.get(rid)
+        if steps is None or self.prefill_chunk is None:
+            return False
+        if (steps + 1) * self.prefill_chunk >= len(self.tokens[rid]):
+            del self._prefill_steps[rid]
+            self.requests.computed.pop(rid, None)
+            return False
+        self.requests.computed[rid] = steps * self.prefill_chunk
+        self._prefill_steps[rid] = steps + 1
+        return True
 
     def run(self, new_tokens: int) -> int:
         """Decode until every live request has `new_tokens` more tokens; returns the steps."""

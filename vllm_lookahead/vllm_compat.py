@@ -294,6 +294,9 @@ class RunnerRequests:
                            greedy=_is_greedy(params),
                            prompt_mask=prompt_mask(owner))
 
+    def prefilled(self, req_id: str) -> int:
+        return int(getattr(self._runner.requests.get(req_id), "num_computed_tokens", 0))
+
 
 # --- Prompt positions without a token id (prompt_embeds, multimodal placeholders) ---------------
 # vLLM keeps every request's tokens in `input_batch.token_ids_cpu`, but a position filled from
