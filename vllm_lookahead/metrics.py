@@ -78,6 +78,9 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "memory_evictions": ("memory_evictions",
                          "Evictions that kept the drafter within its memory budget."),
     "propose_seconds": ("proposer_seconds", "Seconds spent in the lookahead proposer."),
+    "prompt_tokens_indexed_in_prefill": ("prefill_indexed_tokens",
+                                         "Prompt tokens indexed in the steps that prefilled them "
+                                         "(the rest is indexed at a request's first sample)."),
 }
 # snapshot key (a {source: count} dict) -> (metric name, help); label `source`.
 BY_SOURCE: dict[str, tuple[str, str, str]] = {
