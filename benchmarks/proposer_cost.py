@@ -2,8 +2,9 @@
 
 Drives a drafter with the simulated engine of `vllm_lookahead.simulation` (greedy verification,
 batch rows shuffled every step) over a deterministic toy language with repeated phrases, so pools
-fill and chains get accepted as in real traffic, on the CPU production path (adaptive chains, a
-step time handed to every call, so the cost model fits each step). For each batch size it times,
+fill and chains get accepted as in real traffic, with adaptive chains and the simulated device's
+step time (`SIMULATED_STEP_COST`) handed to every call, so the cost model fits each step. For each
+batch size it times,
 after the step that admits the prompts, the reference drafter (`reference`, pure Python), the
 compiled one (`compiled`) and, on the same inputs in the same run, vLLM's own
 `NgramProposer.propose` (prompt lookup, its default n = 5, K = 7). It prints µs per request-step,

@@ -54,9 +54,10 @@ _OWN, _SHARED, _POOL, _JACOBI = 1, 2, 4, 8
 _KINDS = [bin(kinds).count("1") for kinds in range(16)]
 CPU_STEP_COST_PRIOR = (0.04, 0.0005, 0.003)
 """Seconds per step, per row and per verified token: a small model on a few CPU cores, where the
-forward is compute-bound and a draft token costs about what a row does (SmolLM2 fp32 on this
-project's 2-core VM: 43 ms per step at 1 row, 53 at 8, 130 at 32; 3-4 ms per draft token at 8
-and 32 rows). Only the shape counts (the fit scales it to the observed steps), and it is only a
+forward is compute-bound and a draft token costs at least what a row does (SmolLM2 fp32 on this
+project's 2-core VM, `python -m benchmarks.step_surface`: 42 ms per step at 1 row, 50 at 8, 126 at
+32; fitted 31.5 ms + 0.37 ms per row + 2.1 ms per verified token, the shape of this prior). Only
+the shape counts (the fit scales it to the observed steps), and it is only a
 starting point; the cost model follows what the steps actually take."""
 
 StateT = TypeVar("StateT")
