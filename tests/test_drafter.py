@@ -128,10 +128,15 @@ def test_rollback_and_skipped_steps_resync_from_committed_tokens():
     assert toks == greedy([1, 2, 3], len(toks) - 3)
 
 
-def test_finished_and_reused_ids_get_fresh_state():
+@pytest.mark.parametrize("reports_removals", [False, True])
+def test_finished_and_reused_ids_get_fresh_state(reports_removals):
     eng = simulate(LookaheadConfig(), k=7, prompts=[[1, 2, 3, 4]])
+    eng.requests.reports_removals = reports_removals
     eng.run(10)
     old = eng.drafter.states["req-0"]
+    if reports_removals:  # vLLM's removal hook runs before the id is scheduled again
+        eng.drafter.remove("req-0")
+    # Without the hook, only the owner tells the new request from the old one.
     eng.requests.add("req-0", 4)  # aborted and resubmitted under the same id
     eng.tokens["req-0"] = [5, 6, 7, 8]
     eng.drafts["req-0"] = []

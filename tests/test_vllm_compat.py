@@ -40,6 +40,24 @@ def test_hooks_install_once():
     assert tap.register_warmup == tap._inner.register_warmup
 
 
+def test_requests_report_removals_only_through_the_installed_hook():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    vllm_compat.install_runner_hooks()
+
+    class Plain:
+        def _on_request_state_removed(self, req_id, req_state):
+            pass
+
+    class Subclass(GPUModelRunner):  # vLLM's CPU runner inherits the hooked method
+        pass
+
+    # The drafter skips its per-row owner check only where every removal reaches it.
+    assert vllm_compat.RunnerRequests(object.__new__(Subclass)).reports_removals
+    assert not vllm_compat.RunnerRequests(Plain()).reports_removals
+    assert not vllm_compat.RunnerRequests(object()).reports_removals
+
+
 def test_capture_computes_the_argmax_itself_where_vllm_has_no_greedy_dispatcher(monkeypatch):
     """vLLM 0.26 computes the greedy argmax inline, so there is nothing to tap."""
     from types import SimpleNamespace

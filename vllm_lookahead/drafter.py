@@ -18,9 +18,11 @@ request then drafts from its pool and Jacobi window only, and its output is not 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import zlib
 from collections import deque
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,7 @@ _STAT_FIELDS = ("chains", "draft_tokens", "cut_tokens", "verified_chains", "veri
 class SlotHandle:
     """A live request's slot in the store; a new request under the same id gets a new handle."""
 
+    req_id: str
     slot: int
     owner: object
     namespace: str | None
@@ -114,6 +117,9 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._batch_cap = 0
         self._none_index = np.full(16, -1, dtype=np.int64)
         self._grow_batch(16)
+        self._ready: dict[str, int] = {}
+        """Slot of every live request whose prompt is indexed (the step's fast path)."""
+        self._ready_owner: dict[str, object] = {}
         self._namespaces: dict[str | None, int] = {}
         self._nsmap = np.full(8, -1, dtype=np.int64)
         self.shared = SharedStore(self, cfg.shared_pool_tokens)
@@ -184,6 +190,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._out_reach = np.zeros((rows, k), dtype=np.float64)
         self._rowsin = np.zeros((2, rows), dtype=np.int32)
         self._arange = np.arange(rows, dtype=np.int64)
+        self._flat = np.zeros(rows * k, dtype=np.int32)
         self._batch_cap = rows
         self._fixed = None
 
@@ -239,25 +246,52 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         tb, tcu, tidx, fd, fy = self._trajectory_rows(req_ids, trajectory)
         # The step time counts only for steps that verified nothing but these chains.
         observe = step_seconds is not None and not admitted and every_row
-        kn.step(self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._fl,
-                self.cost.state, self._tabs, self._nsmap, self._counters, rowsin, num_tokens,
-                token_ids, tb, tcu, tidx, fd, fy, self._out, self._out_len, self._out_reach,
-                self._grid, int(observe) | (2 if self.adaptive else 0),
-                step_seconds if observe else 0.0)
-        lengths = self._out_len[:batch].tolist()
-        drafts = [chain[:n] for chain, n in zip(self._out[0, :batch].tolist(), lengths,
-                                                strict=True)]
+        total = kn.step(self._store, self._meta, self._rng, self._jw, self._jl, self._acc,
+                        self._fl, self.cost.state, self._tabs, self._nsmap, self._counters,
+                        rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, self._out,
+                        self._out_len, self._out_reach, self._flat, self._grid,
+                        int(observe) | (2 if self.adaptive else 0),
+                        step_seconds if observe else 0.0)
+        drafts = self._chains(batch, total)
         if self._stats.steps % _SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
         self._enforce_budget()
         return drafts
+
+    def _chains(self, batch: int, total: int) -> list[list[int]]:
+        """The chains as the lists vLLM wants, from the kernel's end-to-end copy of them."""
+        if not total:
+            return [[] for _ in range(batch)]
+        flat = self._flat[:total].tolist()
+        lengths = self._out_len[:batch].tolist()
+        return [flat[end - n:end] for end, n in zip(accumulate(lengths), lengths, strict=True)]
 
     def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
                   token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
                   ) -> tuple[bool, bool]:
         """Each row's slot (-1: nothing committed this step) and sample count into `rowsin`,
         admitting new requests; returns whether a prompt was completed (a request's first
-        sample, where the reference admits it) and whether every row has a slot."""
+        sample, where the reference admits it) and whether every row has a slot. In the steady
+        state (every row known, indexed and sampled) without a loop over the rows."""
+        slots = list(map(self._ready.get, req_ids))
+        if None not in slots and all(sampled) and self._owners_current(req_ids, requests):
+            rowsin[0] = slots
+            rowsin[1] = list(map(len, sampled))
+            return False, True
+        return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
+
+    def _owners_current(self, req_ids: Sequence[str], requests: RequestSource) -> bool:
+        """Whether every row's request is the one its state was made for, not another under the
+        same id (nothing to check where the engine reports every removal)."""
+        if getattr(requests, "reports_removals", False):
+            return True
+        return all(map(operator.is_, map(requests.owner, req_ids),
+                       map(self._ready_owner.get, req_ids)))
+
+    def _slots_of_each(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
+                       token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
+                       ) -> tuple[bool, bool]:
+        """`_slots_of` row by row, admitting requests and indexing prompts."""
         slots = []
         admitted = False
         states, owner = self.states, requests.owner
@@ -277,6 +311,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
             if handle.prompt is not None:
                 self._index_prompt(handle, len(handle.prompt))
                 handle.prompt = None
+                self._ready[req_id] = handle.slot
+                self._ready_owner[req_id] = handle.owner
                 admitted = True
             slots.append(handle.slot)
         rowsin[0] = slots
@@ -348,7 +384,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt[:] = -1
         kn.reserve_text(self._store, self._meta, self._counters, slot, len(prompt), self._tabs)
-        handle = SlotHandle(slot, info.owner, info.options.namespace, share, prompt)
+        handle = SlotHandle(req_id, slot, info.owner, info.options.namespace, share, prompt)
         self.states[req_id] = handle
         return handle
 
@@ -371,6 +407,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
 
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
+        self._ready.pop(handle.req_id, None)
+        self._ready_owner.pop(handle.req_id, None)
         if handle.share and not self._meta[handle.slot, kn.M_NOINDEX]:
             meta = self._meta[handle.slot]
             text = self._store[handle.slot * kn.NREG + kn.R_TEXT]
@@ -391,8 +429,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         if self._fixed is None:  # recounted after any of these arrays grew
             self._fixed = sum(a.nbytes for a in (
                 self._meta, self._rng, self._jw, self._jl, self._out, self._out_len,
-                self._out_reach, self._rowsin, self._arange, self._none_index, self._acc,
-                self._nsmap, self._tabs, self._grid))
+                self._out_reach, self._rowsin, self._arange, self._flat, self._none_index,
+                self._acc, self._nsmap, self._tabs, self._grid))
         return int(self._counters[kn.T_TOTAL]) + self._fixed + self.shared.sequence_bytes
 
     def _enforce_budget(self) -> None:

@@ -24,8 +24,10 @@ the tail.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import register_jitable
+from numba.core import cgutils
+from numba.extending import intrinsic, register_jitable
 from numba.typed import List
 
 SEP = -1
@@ -162,6 +164,24 @@ def _suffix_hashes(buf, end, n, out):
         out[m] = h
 
 
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Start loading the cache line of array[index] (LLVM's prefetch; no effect on values)."""
+
+    def codegen(context, builder, signature, args):
+        view = context.make_array(signature.args[0])(context, builder, args[0])
+        address = builder.gep(view.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
+            "llvm.prefetch.p0")
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(address, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(array, types.int64), codegen
+
+
 # --- store bookkeeping ------------------------------------------------------------------------
 
 
@@ -272,6 +292,13 @@ def _index_end(text, table, meta, s, e, tabs, hashes):
     if succ == SEP:
         return
     _suffix_hashes(text, e, min(MAX_ORDER, e + 1), hashes)
+    # In a long text every order's probe is a likely cache miss: start them all at once rather
+    # than one after another (a prefetch never faults and changes no value).
+    for o in range(tabs[C_NORD]):
+        k = tabs[T_ORD + o]
+        if k > e + 1:
+            break
+        _prefetch(table, meta[s, M_TOFF + o] + _bucket(hashes[k - 1], meta[s, M_TBITS + o]))
     fresh = False  # a shorter suffix was new here: so is every longer one, no compare needed
     known_end, known_len = -1, 0  # the latest occurrence of the last order that matched
     for o in range(tabs[C_NORD]):
@@ -309,10 +336,15 @@ while every end is inserted into it."""
 
 @njit(cache=True)
 def index_range(store, meta, totals, s, lo, hi, tabs, hashes):
+    _index_text(store[s * NREG + R_TEXT], store, meta, totals, s, lo, hi, tabs, hashes)
+
+
+@njit(cache=True)
+def _index_text(text, store, meta, totals, s, lo, hi, tabs, hashes):
+    """index_range with slot s's text already at hand (a typed-list access costs about 50 ns)."""
     if hi <= lo:
         return
     _reserve_index(store, meta, totals, s, hi - lo, tabs)
-    text = store[s * NREG + R_TEXT]
     table = store[s * NREG + R_INDEX]
     if hi - lo >= BULK:
         _index_bulk(text, table, meta, s, lo, hi, tabs)
@@ -390,7 +422,7 @@ def text_extend(store, meta, totals, s, tokens, lo, hi, tabs, hashes):
     for i in range(lo, hi):
         text[n + i - lo] = tokens[i]
     meta[s, M_TEXT_LEN] = n + hi - lo
-    index_range(store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, tabs, hashes)
+    _index_text(text, store, meta, totals, s, max(n - 1, 0), n + hi - lo - 1, tabs, hashes)
 
 
 @njit(cache=True)
@@ -556,7 +588,8 @@ def _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen, h):
             _table_insert_new(phash, 0, nbits, _key_hash(hashes[kl - 1], kl), kid + 1)
         meta[s, M_HBITS] = nbits
         hbits = nbits
-    pkeys = _grow(store, meta, totals, s, R_PKEYS, (nkeys + 1) * kw)
+    if pkeys.shape[0] < (nkeys + 1) * kw:
+        pkeys = _grow(store, meta, totals, s, R_PKEYS, (nkeys + 1) * kw)
     kb = nkeys * kw
     for m in range(klen):
         pkeys[kb + m] = buf[end - klen + 1 + m]
@@ -612,7 +645,8 @@ def _pool_insert(store, meta, totals, s, tabs, phash, pkeys, nodes, buf, end, kl
             pkeys[kb + mkl] = node
     else:
         n = meta[s, M_NNODES]
-        nodes = _grow(store, meta, totals, s, R_PNODES, (n + 1) * nw)
+        if nodes.shape[0] < (n + 1) * nw:
+            nodes = _grow(store, meta, totals, s, R_PNODES, (n + 1) * nw)
         meta[s, M_NNODES] = n + 1
         meta[s, M_NCONT] += 1
         pkeys[kb + mkl + 1] += 1
@@ -955,10 +989,11 @@ def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out,
     ntext = store[ns * NREG + R_TEXT] if ns >= 0 else text
     nindex = store[ns * NREG + R_INDEX] if ns >= 0 else index
     nprompt = meta[s, M_NPROMPT]
-    phash = store[s * NREG + R_PHASH]
-    pkeys = store[s * NREG + R_PKEYS]
-    nodes = store[s * NREG + R_PNODES]
     hbits = meta[s, M_HBITS]
+    # An empty pool (hbits 0) is never read: its regions are not fetched.
+    phash = store[s * NREG + R_PHASH] if hbits > 0 else text
+    pkeys = store[s * NREG + R_PKEYS] if hbits > 0 else text
+    nodes = store[s * NREG + R_PNODES] if hbits > 0 else text
     kw, nw = mkl + 2, c + 1
     run_node, run_j, run_k, run_hits = -1, 0, 0, 0
     reach = 1.0
@@ -1098,12 +1133,13 @@ def _cut(slots, out_len, out_reach, stats, rows, total, step_cost, token_cost):
 
 @njit(cache=True)
 def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin, num_tokens,
-         token_ids, tb, tcu, tidx, fd, fy, out, out_len, out_reach, scratch, flags, seconds):
+         token_ids, tb, tcu, tidx, fd, fy, out, out_len, out_reach, flat, scratch, flags,
+         seconds):
     """One engine step of the whole batch: sync every row (learn from its verified chain), fit the
     step cost (`flags` & 1: this step's time counts), compose every chain, cut the batch
     (`flags` & 2: adaptive) and issue the chains. rowsin[0]: slots (-1: no sample this step),
     rowsin[1]: tokens sampled; row r's drafts are fd/fy[tcu[tidx[r]] : tcu[tidx[r] + 1]]
-    (tidx[r] < 0: none)."""
+    (tidx[r] < 0: none). Returns the chains' total length; `flat` holds them end to end."""
     slots, nsamp = rowsin[0], rowsin[1]
     batch = slots.shape[0]
     hashes = np.empty(MAX_ORDER, dtype=np.uint64)
@@ -1147,6 +1183,7 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
     if flags & 2 and rows > 0:
         _cut(slots, out_len, out_reach, counters, rows, total,
              cost_predict(cost, float(rows), float(rows)), cost[CS_THETA + 2])
+    total = 0
     for row in range(batch):
         s = slots[row]
         if s < 0:
@@ -1160,7 +1197,9 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
             jw[s, J_SRC, i] = out[1, row, i]
             jw[s, J_FEAT, i] = out[2, row, i]
             counters[T_DRAFTED + out[1, row, i]] += 1
-    return rows
+            flat[total] = out[0, row, i]
+            total += 1
+    return total
 
 
 @njit(cache=True)

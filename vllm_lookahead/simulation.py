@@ -20,7 +20,8 @@ NextToken = Callable[[Sequence[int]], int]
 class Requests:
     """The engine's live requests, as the drafter asks for them (`RequestSource`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reports_removals: bool = False) -> None:
+        self.reports_removals = reports_removals
         self._infos: dict[str, RequestInfo] = {}
         self.computed: dict[str, int] = {}
         """Tokens computed before this step, of requests still in their prefill."""
@@ -62,7 +63,7 @@ class SimulatedEngine:
         self._prefill_steps: dict[str, int] = {}
         self.max_len = max_len
         self.drafter = drafter(cfg, k, max_len, adaptive)
-        self.requests = Requests()
+        self.requests = Requests(reports_removals=True)  # `finish` removes from both
         self.rng = random.Random(seed)
         self.tokens: dict[str, list[int]] = {}
         self.drafts: dict[str, list[int]] = {}
@@ -111,8 +112,9 @@ class SimulatedEngine:
             for rid in rids:
                 self.drafts[rid] = []
             return
-        traj = StepTrajectory(list(rids), np.array(bases), np.array(cu),
-                              lambda: (np.array(flat_d), np.array(flat_y)))
+        # As vLLM's runner hands them over: arrays made by the engine, not by the drafter.
+        arrays = (np.array(flat_d, dtype=np.int64), np.array(flat_y, dtype=np.int64))
+        traj = StepTrajectory(list(rids), np.array(bases), np.array(cu), lambda: arrays)
         token_ids = np.zeros((len(rids), self.max_len), dtype=np.int32)
         for row, rid in enumerate(rids):
             token_ids[row, :len(self.tokens[rid])] = self.tokens[rid]

@@ -63,6 +63,11 @@ class RequestInfo:
 
 
 class RequestSource(Protocol):
+    reports_removals: bool
+    """Whether the drafter's `remove` is called for every request the engine drops, before
+    another request may take its id: then a known id is the same request, and the drafter need not
+    ask for its owner every step."""
+
     def owner(self, req_id: str) -> object | None: ...
 
     def info(self, row: int, req_id: str) -> RequestInfo: ...
