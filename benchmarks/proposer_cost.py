@@ -15,7 +15,11 @@ chunks (the compiled drafter indexes it meanwhile). Times are CPU time (`CLOCK`)
 
 Usage:
 ``python -m benchmarks.proposer_cost [--batch 1,64,256] [--prompt-len 2048] [--tokens 64]
-[--repeat 3] [--admit 32768] [--drafters reference,compiled] [--lookahead JSON]``
+[--repeat 3] [--admit 32768] [--drafters reference,compiled] [--lookahead JSON] [--breakdown]``
+
+With `--breakdown` the compiled drafter's time is split into its one kernel call per step
+(`kernels.step`: sync, compose and cut of the whole batch) and the Python around it (request ids to
+slots, trajectory arrays, the output lists); the extra timer adds a little to the total.
 """
 
 from __future__ import annotations
@@ -95,10 +99,18 @@ class Result:
     index_bytes: int
     ngram_spent: float | None = None
     """vLLM's NgramProposer.propose on the same inputs, same steps."""
+    kernel_spent: float | None = None
+    """Of `spent`, seconds inside `kernels.step` (with --breakdown)."""
 
     @property
     def us_per_request_step(self) -> float:
         return 1e6 * self.spent / max(self.request_steps, 1)
+
+    @property
+    def kernel_us(self) -> float | None:
+        if self.kernel_spent is None:
+            return None
+        return 1e6 * self.kernel_spent / max(self.request_steps, 1)
 
     @property
     def ngram_us(self) -> float | None:
@@ -126,7 +138,7 @@ def vllm_ngram(batch: int, max_len: int) -> Any | None:
 
 def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled",
         ngram: bool = False, adaptive: bool = True, cfg: LookaheadConfig | None = None,
-        ) -> Result:
+        breakdown: bool = False) -> Result:
     prompts = [toy_text(ToyLanguage(1), random.Random(i), prompt_len) for i in range(batch)]
     max_len = prompt_len + tokens + 64
     engine = SimulatedEngine(cfg or LookaheadConfig(), K, prompts, model=ToyLanguage(1),
@@ -136,7 +148,15 @@ def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled
     rival = vllm_ngram(batch, max_len) if ngram else None
     draft_batch = engine.drafter.draft_batch
     digest = hashlib.sha256()
-    timed = {"spent": 0.0, "steps": 0, "ngram": 0.0, "calls": 0, "drafted": 0}
+    timed = {"spent": 0.0, "steps": 0, "ngram": 0.0, "calls": 0, "drafted": 0, "kernel": 0.0,
+             "kernel_now": 0.0}
+    kernel_step = kernels.step
+
+    def timed_kernel(*args: Any) -> Any:
+        started = CLOCK()
+        total = kernel_step(*args)
+        timed["kernel_now"] += CLOCK() - started
+        return total
 
     def timed_call(req_ids: Any, sampled: Any, num_tokens: Any, token_ids: Any, *args: Any,
                    **kwargs: Any) -> list[list[int]]:
@@ -149,6 +169,7 @@ def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled
         chains = draft_batch(req_ids, sampled, num_tokens, token_ids, *args,
                              step_seconds=seconds)
         spent = CLOCK() - started
+        rival_spent = 0.0
         if rival is not None:
             started = CLOCK()
             rival.propose(K, sampled, num_tokens, token_ids)
@@ -156,17 +177,24 @@ def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled
         if timed["calls"] > 1:  # the first call admits every prompt (and compiles ngram's kernel)
             timed["spent"] += spent
             timed["steps"] += len(chains)
-            if rival is not None:
-                timed["ngram"] += rival_spent
+            timed["ngram"] += rival_spent
+            timed["kernel"] += timed["kernel_now"]
+        timed["kernel_now"] = 0.0
         timed["drafted"] = sum(len(chain) for chain in chains)
         digest.update(repr(chains).encode())
         return chains
 
     engine.drafter.draft_batch = timed_call  # type: ignore[method-assign]
-    engine.run(tokens)
+    kernels.step = timed_kernel if breakdown else kernel_step
+    try:
+        engine.run(tokens)
+    finally:
+        kernels.step = kernel_step
+    kernel = timed["kernel"] if breakdown and drafter == "compiled" else None
     return Result(drafter, batch, timed["spent"], timed["steps"],
                   engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16],
-                  *memory(engine.drafter), ngram_spent=timed["ngram"] if rival else None)
+                  *memory(engine.drafter), ngram_spent=timed["ngram"] if rival else None,
+                  kernel_spent=kernel)
 
 
 def memory(drafter: Any) -> tuple[int, int, int, int]:
@@ -227,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--admit", type=int, default=32768, help="long prompt to admit; 0: skip")
     parser.add_argument("--drafters", default="reference,compiled")
     parser.add_argument("--no-ngram", action="store_true", help="skip vLLM's NgramProposer")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split the compiled drafter's time into kernel and Python")
     parser.add_argument("--lookahead", type=json.loads, default={},
                         help='lookahead parameters as JSON, e.g. \'{"guess_set_size": 1}\' '
                              "(the request-step cells; admission uses the defaults)")
@@ -237,17 +267,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"prompt {args.prompt_len} tokens, {args.tokens} new tokens per request, K={K}, "
           f"adaptive (CPU path), fastest of {args.repeat}, "
           f"lookahead {args.lookahead or 'defaults'}")
-    print("| batch | drafter | µs/request-step | vLLM ngram µs | accepted | chains digest | "
-          "B/continuation | index B/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    split = " kernel µs | Python µs |" if args.breakdown else ""
+    print("| batch | drafter | µs/request-step |" + split + " vLLM ngram µs | accepted | "
+          "chains digest | B/continuation | index B/token |")
+    print("|---|---|---|" + "---|---|" * args.breakdown + "---|---|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
         for name in names:
-            runs = [run(batch, args.tokens, args.prompt_len, name, not args.no_ngram, cfg=cfg)
-                    for _ in range(args.repeat)]
+            runs = [run(batch, args.tokens, args.prompt_len, name, not args.no_ngram, cfg=cfg,
+                        breakdown=args.breakdown) for _ in range(args.repeat)]
             best = min(runs, key=lambda r: r.us_per_request_step)
             ngram = min((r.ngram_us for r in runs if r.ngram_us is not None), default=None)
             assert len({r.digest for r in runs}) == 1, "chains differ between runs"
-            print(f"| {batch} | {name} | {best.us_per_request_step:.1f} | "
+            kernel = best.kernel_us
+            cells = ("" if not args.breakdown else " - | - |" if kernel is None else
+                     f" {kernel:.1f} | {best.us_per_request_step - kernel:.1f} |")
+            print(f"| {batch} | {name} | {best.us_per_request_step:.1f} |{cells} "
                   f"{'-' if ngram is None else f'{ngram:.1f}'} | {best.accepted} | "
                   f"{best.digest} | {best.pool_bytes / max(best.continuations, 1):.0f} | "
                   f"{best.index_bytes / max(best.text_tokens, 1):.0f} |", flush=True)

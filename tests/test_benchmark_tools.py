@@ -38,6 +38,15 @@ def test_proposer_cost_runs_and_its_chains_are_deterministic():
     assert reference.digest == first.digest  # the compiled drafter proposes the same chains
 
 
+def test_proposer_cost_breakdown_splits_the_compiled_drafters_time():
+    kernel_step = proposer_cost.kernels.step
+    split = proposer_cost.run(batch=3, tokens=60, breakdown=True)
+    assert 0 < split.kernel_spent < split.spent
+    assert proposer_cost.kernels.step is kernel_step  # the timer is taken off again
+    assert proposer_cost.run(batch=3, tokens=60, drafter="reference",
+                             breakdown=True).kernel_spent is None
+
+
 def test_slim_cache_refuses_to_overwrite_the_live_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="live cache"):
