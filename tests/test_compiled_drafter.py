@@ -14,7 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_lookahead import kernels
-from vllm_lookahead.config import LookaheadConfig, RequestOptions
+from vllm_lookahead.config import (
+    MAX_SHARED_TOKENS,
+    LookaheadConfig,
+    LookaheadConfigError,
+    RequestOptions,
+)
 from vllm_lookahead.drafter import LookaheadDrafter
 from vllm_lookahead.reference_drafter import ReferenceDrafter
 from vllm_lookahead.simulation import SimulatedEngine
@@ -241,3 +246,11 @@ def test_the_text_index_matches_the_reference_whether_built_in_bulk_or_step_by_s
         array = np.array(ctx, dtype=np.int64)
         for slot in (bulk, steps):
             assert kn.match_context(d._store, d._meta, slot, array, d._tabs) == want
+
+
+def test_every_text_fits_what_an_index_entry_addresses():
+    # A namespace's text: what it retains, a quarter more before a rebuild, one more sequence.
+    assert MAX_SHARED_TOKENS + MAX_SHARED_TOKENS // 4 + MAX_SHARED_TOKENS + 2 < kernels.MAX_TEXT
+    LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 9)
+    with pytest.raises(LookaheadConfigError, match="smaller --max-model-len"):
+        LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 8)

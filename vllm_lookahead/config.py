@@ -30,6 +30,11 @@ PARAMS_ENV = "VLLM_LOOKAHEAD_PARAMS"
 MAX_SPEC_LEN = 128
 """vLLM's rejection sampler asserts at most this many draft tokens per request."""
 
+MAX_SHARED_TOKENS = 1 << 22
+"""The most `shared_pool_tokens`: a namespace's text (what it retains, a quarter more before it is
+rebuilt, and the sequence just added) must fit one compiled text index, which addresses
+`kernels.MAX_TEXT` (2**24 - 1) tokens."""
+
 LOSSLESS_REJECTION_METHOD = "standard"
 
 
@@ -64,7 +69,9 @@ class LookaheadConfig:
         _check_int("guess_set_size", self.guess_set_size, 1, 1024)
         _check_int("max_key_len", self.max_key_len, 1, 8)
         _check_int("seed", self.seed, 0, 2**63 - 1)
-        _check_int("shared_pool_tokens", self.shared_pool_tokens, 0, 2**31 - 1)
+        _check_int("shared_pool_tokens", self.shared_pool_tokens, 0, MAX_SHARED_TOKENS,
+                   why="the corpus's text, with its slack before a rebuild, stays within what "
+                       "one text index addresses")
         _check_int("memory_budget_mib", self.memory_budget_mib, 1, 2**20)
         _check_bool("pool_from_prompt", self.pool_from_prompt)
         if self.adaptive is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from vllm_lookahead import kernels as kn
-from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError
 from vllm_lookahead.context_index import ORDERS
 from vllm_lookahead.estimator import (
     FILL_FEATURE,
@@ -101,6 +101,11 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                  step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR,
                  prefill_chunk: int | None = None) -> None:
         super().__init__(cfg, num_speculative_tokens, max_model_len, adaptive, step_cost_prior)
+        if max_model_len + num_speculative_tokens >= kn.MAX_TEXT:
+            raise LookaheadConfigError(
+                f"lookahead indexes at most {kn.MAX_TEXT - 1:,} tokens per request, but "
+                f"max_model_len is {max_model_len:,}; serve this model with a smaller "
+                "--max-model-len or without lookahead")
         self.prefill_chunk = prefill_chunk or ADMIT_CHUNK
         self.indexed_in_prefill = 0
         """Prompt tokens indexed in steps that prefilled them, before the first sample."""

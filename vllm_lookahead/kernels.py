@@ -12,9 +12,10 @@ step, including float arithmetic (decay powers are precomputed in Python, the st
 the Python cost model), tie-breaking and LRU order, so that both produce identical chains.
 
 Text index layout (one open-addressing table per order): an entry is `end + 1` of the latest
-occurrence (bits 0-29) with bit 30 set once two occurrences continued differently. No key is
-stored: a hit is verified by reading the text at the stored end, and the old successor is
-`text[end + 1]`. The reference's occurrence count is never used by a draft, so it is not kept.
+occurrence (bits 0-23), six bits of the key's hash (24-29: a probe that meets another key rarely
+reads the text) and bit 30, set once two occurrences continued differently. No key is stored: a
+hit is verified by reading the text at the stored end, and the old successor is `text[end + 1]`.
+The reference's occurrence count is never used by a draft, so it is not kept.
 
 Pool layout: a hash table (key id + 1) over key records and continuation nodes (below); each key's
 nodes form a list, most recently refreshed first (the reference's LRU order reversed), evicting
@@ -32,7 +33,11 @@ from numba.typed import List
 
 SEP = -1
 INCONS = np.int32(1 << 30)
-EMASK = np.int32((1 << 30) - 1)
+FP_SHIFT = 24
+EMASK = np.int32((1 << FP_SHIFT) - 1)
+FPMASK = np.int32(63 << FP_SHIFT)
+MAX_TEXT = (1 << FP_SHIFT) - 1
+"""Tokens a slot's text may hold: an index entry keeps `end + 1` in FP_SHIFT bits."""
 MAX_ORDER = 16
 NORD_MAX = 8
 
@@ -153,6 +158,15 @@ def _bucket(h, bits):
     h = h ^ (h >> np.uint64(31))
     h = h * _MIX
     return np.int64(h >> np.uint64(64 - bits))
+
+
+@njit(cache=True, inline="always")
+def _fingerprint(h):
+    """Six bits of a key's hash, kept in its index entry: most probes that meet another key are
+    told apart without reading the text."""
+    h = h ^ (h >> np.uint64(31))
+    h = h * _MIX
+    return np.int32((h >> np.uint64(20)) & np.uint64(63)) << FP_SHIFT
 
 
 @njit(cache=True, inline="always")
@@ -308,14 +322,15 @@ def _index_end(text, table, meta, s, e, tabs, hashes):
         off, bits = meta[s, M_TOFF + o], meta[s, M_TBITS + o]
         mask = (1 << bits) - 1
         i = _bucket(hashes[k - 1], bits)
+        fp = _fingerprint(hashes[k - 1])
         while True:
             v = table[off + i]
             if v == 0:
-                table[off + i] = e + 1
+                table[off + i] = (e + 1) | fp
                 meta[s, M_TCOUNT + o] += 1
                 fresh = True
                 break
-            if not fresh:
+            if not fresh and (v & FPMASK) == fp:
                 old = (v & EMASK) - 1
                 # Where the shorter key matched at this very end, its tokens need no compare.
                 skip = known_len if old == known_end else 0
@@ -323,7 +338,7 @@ def _index_end(text, table, meta, s, e, tabs, hashes):
                     inc = v & INCONS
                     if text[old + 1] != succ:
                         inc = INCONS
-                    table[off + i] = (max(old, e) + 1) | inc
+                    table[off + i] = (max(old, e) + 1) | inc | fp
                     known_end, known_len = old, k
                     break
             i = (i + 1) & mask
@@ -392,20 +407,21 @@ def _index_bulk(text, table, meta, s, lo, hi, tabs):
                 continue
             succ = text[e + 1]
             j = _bucket(h, bits)
+            fp = _fingerprint(h)
             while True:
                 v = table[off + j]
                 if v == 0:
-                    table[off + j] = e + 1
+                    table[off + j] = (e + 1) | fp
                     meta[s, M_TCOUNT + o] += 1
                     fresh[i] = 1
                     break
-                if fresh[i] == 0:
+                if fresh[i] == 0 and (v & FPMASK) == fp:
                     old = (v & EMASK) - 1
                     if _same_key(text, old, e, k):
                         inc = v & INCONS
                         if text[old + 1] != succ:
                             inc = INCONS
-                        table[off + j] = (max(old, e) + 1) | inc
+                        table[off + j] = (max(old, e) + 1) | inc | fp
                         break
                 j = (j + 1) & mask
 
@@ -469,10 +485,14 @@ def _lookup(text, table, off, bits, k, ctx, clen, h):
         return 0
     mask = (1 << bits) - 1
     i = _bucket(h, bits)
+    fp = _fingerprint(h)
     while True:
         v = table[off + i]
         if v == 0:
             return 0
+        if (v & FPMASK) != fp:
+            i = (i + 1) & mask
+            continue
         end = (v & EMASK) - 1
         same = True
         for m in range(k):
