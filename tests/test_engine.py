@@ -138,7 +138,7 @@ def test_zero_patch_custom_class_with_the_plugin_filtered_out(tiny_model, prompt
 def test_preempted_requests_keep_their_state_and_outputs(tiny_model, prompts, baseline):
     """A KV cache too small for 16 concurrent requests forces vLLM to preempt and recompute.
     Fixed chains: adaptive ones follow the measured step time, and on a slow or busy machine they
-    can stay short enough that the cache never runs out (CI at d654eef saw no preemption)."""
+    can stay short enough that the cache never runs out (CI at 938ffe2 saw no preemption)."""
     llm = make_llm(tiny_model, {"method": "lookahead", "num_speculative_tokens": 6,
                                 "lookahead": {"adaptive": False}},
                    max_num_seqs=16, num_gpu_blocks_override=40, block_size=32,

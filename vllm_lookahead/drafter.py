@@ -124,7 +124,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._grow_batch(16)
         self._ready: dict[str, int] = {}
         """Slot of every live request whose prompt is indexed (the step's fast path)."""
-        self._ready_owner: dict[str, object] = {}
         self._namespaces: dict[str | None, int] = {}
         self._nsmap = np.full(8, -1, dtype=np.int64)
         self.shared = SharedStore(self, cfg.shared_pool_tokens)
@@ -290,8 +289,9 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         same id (nothing to check where the engine reports every removal)."""
         if getattr(requests, "reports_removals", False):
             return True
+        states = self.states
         return all(map(operator.is_, map(requests.owner, req_ids),
-                       map(self._ready_owner.get, req_ids)))
+                       (states[req_id].owner for req_id in req_ids)))
 
     def _slots_of_each(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
                        token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
@@ -317,7 +317,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                 self._index_prompt(handle, len(handle.prompt))
                 handle.prompt = None
                 self._ready[req_id] = handle.slot
-                self._ready_owner[req_id] = handle.owner
                 admitted = True
             slots.append(handle.slot)
         rowsin[0] = slots
@@ -413,7 +412,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
         self._ready.pop(handle.req_id, None)
-        self._ready_owner.pop(handle.req_id, None)
         if handle.share and not self._meta[handle.slot, kn.M_NOINDEX]:
             meta = self._meta[handle.slot]
             text = self._store[handle.slot * kn.NREG + kn.R_TEXT]

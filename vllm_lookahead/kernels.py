@@ -154,19 +154,21 @@ def new_store(num_slots: int) -> List:
 
 
 @njit(cache=True, inline="always")
-def _bucket(h, bits):
+def _mix(h):
     h = h ^ (h >> np.uint64(31))
-    h = h * _MIX
-    return np.int64(h >> np.uint64(64 - bits))
+    return h * _MIX
+
+
+@njit(cache=True, inline="always")
+def _bucket(h, bits):
+    return np.int64(_mix(h) >> np.uint64(64 - bits))
 
 
 @njit(cache=True, inline="always")
 def _fingerprint(h):
-    """Six bits of a key's hash, kept in its index entry: most probes that meet another key are
-    told apart without reading the text."""
-    h = h ^ (h >> np.uint64(31))
-    h = h * _MIX
-    return np.int32((h >> np.uint64(20)) & np.uint64(63)) << FP_SHIFT
+    """Six bits of a key's hash (below the bucket's), kept in its index entry: most probes that
+    meet another key are told apart without reading the text."""
+    return np.int32((_mix(h) >> np.uint64(20)) & np.uint64(63)) << FP_SHIFT
 
 
 @njit(cache=True, inline="always")

@@ -279,8 +279,8 @@ class RunnerRequests:
 
     def __init__(self, runner: Any) -> None:
         self._runner = runner
-        self.reports_removals = getattr(type(runner)._on_request_state_removed, _MARK, False) \
-            if hasattr(type(runner), "_on_request_state_removed") else False
+        hook = getattr(type(runner), "_on_request_state_removed", None)
+        self.reports_removals = getattr(hook, _MARK, False)
 
     def owner(self, req_id: str) -> object | None:
         return self._runner.requests.get(req_id)
