@@ -166,6 +166,89 @@ def test_identical_chains_hypothesis(seed, n, g, mkl, w, adaptive):
     drive(seed, cfg, n - 1 + w if n - 1 + w > 0 else 1, adaptive, steps=40)
 
 
+def test_identical_chains_in_a_batch_that_keeps_its_order_while_every_array_grows():
+    """vLLM's batch keeps its order between arrivals and departures, and the drafter then reuses
+    the last step's slots; here rows keep their order, requests arrive and leave mid-run, and
+    the slots, the batch rows and the namespace map all outgrow their first sizes (each growth
+    replaces arrays the step kernel holds)."""
+    cfg = LookaheadConfig(shared_pool_tokens=300)
+    rng = random.Random(7)
+    eng = SimulatedEngine(cfg, 7, [], toy_model(7), seed=7, adaptive=True, max_len=160,
+                          drafter=Twin, shuffle_rows=False)
+    first = eng.drafter.new
+    sizes = first._slots_cap, first._batch_cap, len(first._nsmap)
+    live, reused = [], 0
+    for step in range(70):
+        if step % 3 == 0 and len(live) < 40:
+            live += [eng.add([rng.randrange(VOCAB) for _ in range(rng.randint(2, 30))],
+                             RequestOptions(namespace=f"ns{len(eng.tokens) % 12}"))
+                     for _ in range(4)]
+        if step % 7 == 6:
+            eng.finish(live.pop(rng.randrange(len(live))))
+        live = [r for r in live if len(eng.tokens[r]) < eng.max_len - 2]
+        eng.step(live)
+        reused += first._steady_rows is not None
+    assert first._slots_cap > sizes[0] and first._batch_cap > sizes[1]
+    assert len(first._nsmap) > sizes[2]
+    assert reused > 20 and first.stats.accepted_tokens > 0
+
+
+def test_rows_that_keep_their_order_after_a_discarded_sample_or_a_reused_id():
+    """The same rows again reuse the last step's slots, unless a row sampled nothing in between
+    (vLLM discarded it) or its id now names a new request: both must draft as the reference."""
+    from vllm_lookahead.simulation import Requests
+
+    twin = Twin(LookaheadConfig(), 7, 64, False)
+    requests = Requests(reports_removals=True)
+    model = toy_model(1)
+    text = {"a": [1, 2, 3, 1, 2], "b": [4, 5, 6, 4, 5]}
+    for rid, tokens in text.items():
+        requests.add(rid, len(tokens))
+
+    def step(samples):
+        for rid, n in zip(text, samples, strict=True):
+            for _ in range(n):
+                text[rid].append(model(text[rid]))
+        rows = list(text)
+        tokens = np.zeros((2, 64), dtype=np.int32)
+        for row, rid in enumerate(rows):
+            tokens[row, :len(text[rid])] = text[rid]
+        return twin.draft_batch(rows, [text[r][len(text[r]) - n:] for r, n in
+                                       zip(rows, samples, strict=True)],
+                                np.array([len(text[r]) for r in rows]), tokens, None, requests)
+
+    for samples in ((1, 1), (1, 1), (1, 1), (1, 0), (1, 1), (2, 1)):
+        step(samples)
+    twin.remove("b")
+    requests.remove("b")
+    text["b"] = [7, 8, 9, 7, 8]
+    requests.add("b", 5)
+    for samples in ((1, 1), (1, 1)):
+        assert step(samples)[1]
+
+
+def test_warm_up_leaves_no_trace():
+    """A warmed-up drafter drafts what a fresh one does: the warm-up request's output reaches no
+    shared corpus, and what warm-up replaced is what the step kernel works on."""
+    chains = []
+    for warm in (False, True):
+        eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(3), seed=3, adaptive=True,
+                              max_len=200)
+        if warm:
+            eng.drafter.warm_up()
+        assert eng.drafter.snapshot()["shared_tokens"] == 0
+        rng = random.Random(3)
+        for _ in range(3):
+            eng.add([rng.randrange(VOCAB) for _ in range(20)])
+        seen = []
+        for _ in range(15):  # at most 8 tokens a step: within max_len
+            eng.step(list(eng.tokens))
+            seen.append(dict(eng.drafts))
+        chains.append((seen, eng.drafter.snapshot(), eng.drafter.acceptance[True].table()))
+    assert chains[0] == chains[1]
+    assert any(any(d) for d in chains[0][0][-1].values())
+
+
 def test_long_prompt_index_matches_the_reference():
     """A repetitive 3000-token prompt: matches at every order, many inconsistent keys."""
     rng = random.Random(1)

@@ -22,13 +22,12 @@ import operator
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
 
 from vllm_lookahead import kernels as kn
-from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError
+from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError, RequestOptions
 from vllm_lookahead.context_index import ORDERS
 from vllm_lookahead.estimator import (
     FILL_FEATURE,
@@ -120,10 +119,12 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._store = kn.new_store(0)
         self._grow_slots(16)
         self._batch_cap = 0
-        self._none_index = np.full(16, -1, dtype=np.int64)
         self._grow_batch(16)
         self._ready: dict[str, int] = {}
         """Slot of every live request whose prompt is indexed (the step's fast path)."""
+        self._steady_rows: list[str] | None = None
+        """The rows of the last step whose slots came from `_ready`, while `rowsin[0]` still holds
+        those slots: the same rows again need no lookup (vLLM keeps its batch's order)."""
         self._namespaces: dict[str | None, int] = {}
         self._nsmap = np.full(8, -1, dtype=np.int64)
         self.shared = SharedStore(self, cfg.shared_pool_tokens)
@@ -142,6 +143,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                              *(models[0]._decay ** n for n in range(self.k + 2))])
         self.acceptance = {True: AcceptanceView(self._acc, 1),
                            False: AcceptanceView(self._acc, 0)}
+        self._arrays_replaced()
 
     def _init_tables(self) -> None:
         """`kernels.step`'s integer parameters: the configuration, the orders and the primary
@@ -166,7 +168,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         orders = [*ORDERS, *[0] * (kn.NORD_MAX - len(ORDERS))]
         self._tabs = np.array([*header, *orders, *copy, *jacobi, *pool], dtype=np.int64)
         self._grid = np.empty((k + 1, c + mkl), dtype=np.int64)
-        self._flags = 0
+        self._arrays_replaced()
 
     def _grow_slots(self, capacity: int) -> None:
         k, lin = self.k, int(self._tabs[kn.C_LIN])
@@ -185,7 +187,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
             self._store.append(kn.EMPTY)
         self._free.extend(range(capacity - 1, old - 1, -1))
         self._slots_cap = capacity
-        self._fixed: int | None = None
+        self._arrays_replaced()
 
     def _grow_batch(self, rows: int) -> None:
         k = self.k
@@ -193,10 +195,24 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._out_len = np.zeros(rows, dtype=np.int32)
         self._out_reach = np.zeros((rows, k), dtype=np.float64)
         self._rowsin = np.zeros((2, rows), dtype=np.int32)
-        self._arange = np.arange(rows, dtype=np.int64)
         self._flat = np.zeros(rows * k, dtype=np.int32)
+        self._steady_rows = None
         self._batch_cap = rows
-        self._fixed = None
+        self._arrays_replaced()
+
+    def _arrays_replaced(self) -> None:
+        """After any array the kernels keep was replaced: recount the fixed bytes, bind the
+        step's state again."""
+        self._fixed: int | None = None
+        self._step_state: kn.StepState | None = None
+
+    def _kernel_state(self) -> kn.StepState:
+        if self._step_state is None:
+            self._step_state = kn.bind_step_state(
+                self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._fl,
+                self.cost.state, self._tabs, self._nsmap, self._counters, self._out,
+                self._out_len, self._out_reach, self._flat, self._grid)
+        return self._step_state
 
     def _new_slot(self, kind: int) -> int:
         if not self._free:
@@ -214,11 +230,12 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) every kernel with a tiny batch, so that the
-        first engine step does not wait for it."""
+        first engine step does not wait for it. The warm-up request does not share its output:
+        nothing of it may reach a real request's drafts."""
         from vllm_lookahead.simulation import Requests
 
         requests = Requests()
-        requests.add("warm-up", 3)
+        requests.add("warm-up", 3, RequestOptions(share=False))
         tokens = np.array([[1, 2, 3, 1, 2]], dtype=np.int32)
         for dtype in (np.int32, np.int64):
             traj = StepTrajectory(["warm-up"], np.array([3]), np.array([0, 1]),
@@ -232,6 +249,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         self._stats = LookaheadStats()
         self._init_acceptance()
         self.cost = CostModel(self._cost_prior)
+        self._arrays_replaced()
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -250,11 +268,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         tb, tcu, tidx, fd, fy = self._trajectory_rows(req_ids, trajectory)
         # The step time counts only for steps that verified nothing but these chains.
         observe = step_seconds is not None and not admitted and every_row
-        total = kn.step(self._store, self._meta, self._rng, self._jw, self._jl, self._acc,
-                        self._fl, self.cost.state, self._tabs, self._nsmap, self._counters,
-                        rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, self._out,
-                        self._out_len, self._out_reach, self._flat, self._grid,
-                        int(observe) | (2 if self.adaptive else 0),
+        total = kn.step(self._kernel_state(), rowsin, num_tokens, token_ids, tb, tcu, tidx, fd,
+                        fy, int(observe) | (2 if self.adaptive else 0),
                         step_seconds if observe else 0.0)
         drafts = self._chains(batch, total)
         if self._stats.steps % _SWEEP_EVERY_STEPS == 0:
@@ -267,8 +282,14 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         if not total:
             return [[] for _ in range(batch)]
         flat = self._flat[:total].tolist()
-        lengths = self._out_len[:batch].tolist()
-        return [flat[end - n:end] for end, n in zip(accumulate(lengths), lengths, strict=True)]
+        if batch == 1:
+            return [flat]
+        chains = []
+        start = 0
+        for n in self._out_len[:batch].tolist():
+            chains.append(flat[start:start + n])
+            start += n
+        return chains
 
     def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
                   token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
@@ -277,10 +298,15 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         admitting new requests; returns whether a prompt was completed (a request's first
         sample, where the reference admits it) and whether every row has a slot. In the steady
         state (every row known, indexed and sampled) without a loop over the rows."""
+        if req_ids == self._steady_rows and all(sampled) and self._owners_current(req_ids,
+                                                                                  requests):
+            rowsin[1] = list(map(len, sampled))
+            return False, True
         slots = list(map(self._ready.get, req_ids))
         if None not in slots and all(sampled) and self._owners_current(req_ids, requests):
             rowsin[0] = slots
             rowsin[1] = list(map(len, sampled))
+            self._steady_rows = list(req_ids)
             return False, True
         return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
 
@@ -297,6 +323,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                        token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
                        ) -> tuple[bool, bool]:
         """`_slots_of` row by row, admitting requests and indexing prompts."""
+        self._steady_rows = None
         slots = []
         admitted = False
         states, owner = self.states, requests.owner
@@ -325,18 +352,16 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
 
     def _trajectory_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
                          ) -> tuple[np.ndarray, ...]:
-        """The trajectory's bases, draft offsets, each row's index in it (-1: none) and the
-        flat drafts and predictions, for `kernels.step`."""
-        batch = len(req_ids)
+        """The trajectory's bases, draft offsets, each row's index in it (-1: none; empty: the
+        rows are the trajectory's) and the flat drafts and predictions, for `kernels.step`
+        (all empty: no drafts)."""
         if trajectory is None:
-            return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
-        cu = trajectory.cu_drafts
-        if not (isinstance(cu, np.ndarray) and cu.dtype == np.int64):
-            cu = np.asarray(cu, dtype=np.int64)
-        if int(cu[-1]) == int(cu[0]):  # no row has drafts
-            return _NONE, _NONE, self._minus_one(batch), _NONE, _NONE
+            return _NONE, _NONE, _NONE, _NONE, _NONE
+        cu = np.asarray(trajectory.cu_drafts, dtype=np.int64)
+        if cu.item(-1) == cu.item(0):  # no row has drafts
+            return _NONE, _NONE, _NONE, _NONE, _NONE
         if trajectory.req_ids == req_ids or list(trajectory.req_ids) == list(req_ids):
-            index = self._arange[:batch]
+            index = _NONE
         else:
             where = {rid: i for i, rid in enumerate(trajectory.req_ids)}
             index = np.array([where.get(rid, -1) for rid in req_ids], dtype=np.int64)
@@ -344,11 +369,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         return (np.asarray(trajectory.bases, dtype=np.int64), cu, index,
                 np.ascontiguousarray(drafts, dtype=np.int64),
                 np.ascontiguousarray(argmax, dtype=np.int64))
-
-    def _minus_one(self, batch: int) -> np.ndarray:
-        if len(self._none_index) < batch:
-            self._none_index = np.full(self._batch_cap, -1, dtype=np.int64)
-        return self._none_index[:batch]
 
     # --- requests -------------------------------------------------------------------------
 
@@ -406,12 +426,13 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         nsid = self._namespaces.setdefault(namespace, len(self._namespaces))
         if nsid >= len(self._nsmap):
             self._nsmap = np.concatenate([self._nsmap, np.full(len(self._nsmap), -1)])
-            self._fixed = None
+            self._arrays_replaced()
         return nsid
 
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
         self._ready.pop(handle.req_id, None)
+        self._steady_rows = None
         if handle.share and not self._meta[handle.slot, kn.M_NOINDEX]:
             meta = self._meta[handle.slot]
             text = self._store[handle.slot * kn.NREG + kn.R_TEXT]
@@ -432,9 +453,9 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         if self._fixed is None:  # recounted after any of these arrays grew
             self._fixed = sum(a.nbytes for a in (
                 self._meta, self._rng, self._jw, self._jl, self._out, self._out_len,
-                self._out_reach, self._rowsin, self._arange, self._flat, self._none_index,
+                self._out_reach, self._rowsin, self._flat,
                 self._acc, self._nsmap, self._tabs, self._grid))
-        return int(self._counters[kn.T_TOTAL]) + self._fixed + self.shared.sequence_bytes
+        return self._counters.item(kn.T_TOTAL) + self._fixed + self.shared.sequence_bytes
 
     def _enforce_budget(self) -> None:
         if self.nbytes() <= self.budget_bytes:

@@ -4,8 +4,11 @@ chain composition and the batch-wide cut, over flat arrays.
 Everything a request owns lives in one engine-wide *store*: a numba typed list of int32 arrays,
 `NREG` regions per slot (slot `s`, region `r` at `store[s * NREG + r]`), grown inside the
 kernels. One typed list, not one per region: the dispatcher unboxes each typed-list argument
-in about 2 µs, an array in about 0.15 µs. Fixed-size per-slot state sits in 2-D arrays indexed by
+in about 1 µs, an array in about 0.05 µs. Fixed-size per-slot state sits in 2-D arrays indexed by
 slot (`meta`, `jw`, `jl`, `rng`). Namespace slots hold a shared corpus (text and index only).
+The per-step kernel takes all of these, and its output buffers, in one `StepState` (a numba
+structref, bound once and again whenever an array is replaced): one argument instead of sixteen
+saves about 1 µs of dispatch on every step.
 
 Exactness: every function mirrors the reference (`reference_drafter.py` and its modules) step for
 step, including float arithmetic (decay powers are precomputed in Python, the step cost comes from
@@ -28,6 +31,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.experimental import structref
 from numba.extending import intrinsic, register_jitable
 from numba.typed import List
 
@@ -148,6 +152,36 @@ def new_store(num_slots: int) -> List:
     for _ in range(num_slots * NREG):
         store.append(EMPTY)
     return store
+
+
+@structref.register
+class _StepStateType(types.StructRef):
+    pass
+
+
+class StepState(structref.StructRefProxy):
+    """What `step` reads and writes besides the step's own inputs (`bind_step_state`)."""
+
+
+structref.define_boxing(_StepStateType, StepState)
+_I32, _I64, _F64 = types.int32, types.int64, types.float64
+STEP_STATE = _StepStateType([
+    ("store", types.ListType(_I32[::1])), ("meta", _I64[:, ::1]), ("rng", types.uint64[::1]),
+    ("jw", _I32[:, :, ::1]), ("jl", _I32[:, :, :, ::1]), ("acc", _F64[:, :, ::1]),
+    ("fl", _F64[::1]), ("cost", _F64[::1]), ("tabs", _I64[::1]), ("nsmap", _I64[::1]),
+    ("counters", _I64[::1]), ("out", _I32[:, :, ::1]), ("out_len", _I32[::1]),
+    ("out_reach", _F64[:, ::1]), ("flat", _I32[::1]), ("grid", _I64[:, ::1])])
+
+
+@njit(cache=True)
+def bind_step_state(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, out,
+                    out_len, out_reach, flat, grid):
+    """The arrays `step` works on, by reference: bind again after replacing any of them."""
+    st = structref.new(STEP_STATE)
+    st.store, st.meta, st.rng, st.jw, st.jl, st.acc = store, meta, rng, jw, jl, acc
+    st.fl, st.cost, st.tabs, st.nsmap, st.counters = fl, cost, tabs, nsmap, counters
+    st.out, st.out_len, st.out_reach, st.flat, st.grid = out, out_len, out_reach, flat, grid
+    return st
 
 
 # --- hashing ----------------------------------------------------------------------------------
@@ -1154,14 +1188,16 @@ def _cut(slots, out_len, out_reach, stats, rows, total, step_cost, token_cost):
 
 
 @njit(cache=True)
-def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin, num_tokens,
-         token_ids, tb, tcu, tidx, fd, fy, out, out_len, out_reach, flat, scratch, flags,
-         seconds):
+def step(st, rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, flags, seconds):
     """One engine step of the whole batch: sync every row (learn from its verified chain), fit the
     step cost (`flags` & 1: this step's time counts), compose every chain, cut the batch
     (`flags` & 2: adaptive) and issue the chains. rowsin[0]: slots (-1: no sample this step),
-    rowsin[1]: tokens sampled; row r's drafts are fd/fy[tcu[tidx[r]] : tcu[tidx[r] + 1]]
-    (tidx[r] < 0: none). Returns the chains' total length; `flat` holds them end to end."""
+    rowsin[1]: tokens sampled; row r's drafts are fd/fy[tcu[t] : tcu[t + 1]] with t = tidx[r]
+    (t < 0: none), or t = r where tidx is empty; none at all where tcu is empty. Returns the
+    chains' total length; `st.flat` holds them end to end."""
+    store, meta, rng, jw, jl, acc, fl = st.store, st.meta, st.rng, st.jw, st.jl, st.acc, st.fl
+    cost, tabs, nsmap, counters, scratch = st.cost, st.tabs, st.nsmap, st.counters, st.grid
+    out, out_len, out_reach, flat = st.out, st.out_len, st.out_reach, st.flat
     slots, nsamp = rowsin[0], rowsin[1]
     batch = slots.shape[0]
     hashes = np.empty(MAX_ORDER, dtype=np.uint64)
@@ -1172,7 +1208,7 @@ def step(store, meta, rng, jw, jl, acc, fl, cost, tabs, nsmap, counters, rowsin,
         if s < 0:
             continue
         rows += 1
-        t = tidx[row]
+        t = -1 if tcu.shape[0] == 0 else row if tidx.shape[0] == 0 else tidx[row]
         base, lo, hi = (tb[t], tcu[t], tcu[t + 1]) if t >= 0 else (0, 0, 0)
         verified += _sync(store, meta, rng, jw, jl, acc, fl, tabs, counters, s, token_ids[row],
                           np.int64(num_tokens[row]), nsamp[row], base, lo, hi, fd, fy, scratch,

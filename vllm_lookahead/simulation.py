@@ -1,6 +1,7 @@
 """A simulated engine for the drafter: a deterministic next-token function stands in for the model
-and vLLM's greedy verification rule is applied, with batch rows shuffled every step as vLLM's
-persistent batch does. No vLLM; used by the tests and by `benchmarks.proposer_cost`."""
+and vLLM's greedy verification rule is applied, with batch rows shuffled every step unless asked
+not to (the worst case for anything that follows rows; vLLM's persistent batch moves rows only as
+requests arrive and leave). No vLLM; used by the tests and by `benchmarks.proposer_cost`."""
 
 from __future__ import annotations
 
@@ -51,14 +52,17 @@ class Requests:
 class SimulatedEngine:
     """Requests `req-0, req-1, ...` with the given prompts, decoded greedily by `model`. With a
     `prefill_chunk`, a prompt is prefilled that many tokens per step, as vLLM's chunked prefill
-    does: a request's rows sample nothing until its last chunk."""
+    does: a request's rows sample nothing until its last chunk. `shuffle_rows=False` keeps the
+    rows in the order `step` is given them, as vLLM's persistent batch does between arrivals
+    and departures."""
 
     def __init__(self, cfg: LookaheadConfig, k: int, prompts: Sequence[Sequence[int]],
                  model: NextToken, seed: int = 0, adaptive: bool = False,
                  max_len: int = 256,
                  drafter: Callable[..., Any] = LookaheadDrafter,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, shuffle_rows: bool = True) -> None:
         self.model = model
+        self.shuffle_rows = shuffle_rows
         self.prefill_chunk = prefill_chunk
         self._prefill_steps: dict[str, int] = {}
         self.max_len = max_len
@@ -91,7 +95,8 @@ class SimulatedEngine:
 
     def step(self, rids: list[str], propose: bool = True) -> None:
         """Verify each request's drafts greedily, commit, then ask for new drafts."""
-        self.rng.shuffle(rids)
+        if self.shuffle_rows:
+            self.rng.shuffle(rids)
         bases, flat_d, flat_y, cu, sampled = [], [], [], [0], []
         for rid in rids:
             toks, d = self.tokens[rid], self.drafts[rid]

@@ -16,6 +16,8 @@ from vllm_lookahead.config import RequestOptions
 
 @dataclasses.dataclass
 class StepTrajectory:
+    """Arrays of any integer dtype; int64 ones reach the drafter's kernel without a copy."""
+
     req_ids: list[str]
     bases: np.ndarray
     """Committed tokens of each row before the step (the token index of its first draft)."""

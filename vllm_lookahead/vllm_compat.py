@@ -188,7 +188,8 @@ class _Capture:
         num_reqs = len(meta.num_draft_tokens)
         self.req_ids = list(batch.req_ids[:num_reqs])
         # Before bookkeeping, num_tokens_no_spec still counts the tokens committed before the step.
-        self.bases = batch.num_tokens_no_spec[:num_reqs].copy()
+        # int64, as the drafter's kernel takes them: the copy converts for free.
+        self.bases = batch.num_tokens_no_spec[:num_reqs].astype(np.int64)
         self.cu = np.concatenate([[0], np.cumsum(meta.num_draft_tokens)]).astype(np.int64)
         self.logits = logits
         self.meta = meta
@@ -224,9 +225,10 @@ class _Capture:
 
 
 def _host_copy(tensor: Any) -> Callable[[], np.ndarray]:
-    """Start copying a tensor to the host; the returned function yields it as numpy."""
+    """Start copying a tensor to the host; the returned function yields it as numpy (int64 from
+    a CPU tensor, where the copy converts for free)."""
     if tensor.device.type == "cpu":
-        array = tensor.numpy().copy()
+        array = tensor.numpy().astype(np.int64)
         return lambda: array
     import torch
 
