@@ -1,7 +1,8 @@
 """The lookahead drafter's own cost, without vLLM: microseconds per request per step.
 
 Drives a drafter with the simulated engine of `vllm_lookahead.simulation` (greedy verification,
-batch rows shuffled every step) over a deterministic toy language with repeated phrases, so pools
+batch rows shuffled every step unless
+`--keep-order`) over a deterministic toy language with repeated phrases, so pools
 fill and chains get accepted as in real traffic, with adaptive chains and the simulated device's
 step time (`SIMULATED_STEP_COST`) handed to every call, so the cost model fits each step. For each
 batch size it times,
@@ -15,7 +16,12 @@ chunks (the compiled drafter indexes it meanwhile). Times are CPU time (`CLOCK`)
 
 Usage:
 ``python -m benchmarks.proposer_cost [--batch 1,64,256] [--prompt-len 2048] [--tokens 64]
-[--repeat 3] [--admit 32768] [--drafters reference,compiled] [--lookahead JSON] [--breakdown]``
+[--repeat 3] [--admit 32768] [--drafters reference,compiled] [--lookahead JSON] [--breakdown]
+[--keep-order]``
+
+The batch's rows are shuffled every step, the worst case for the compiled drafter, which reuses
+the last step's slots when the rows come in the same order. `--keep-order` keeps them in order, as
+vLLM's persistent batch does while no request arrives or leaves.
 
 With `--breakdown` the compiled drafter's time is split into its one kernel call per step
 (`kernels.step`: sync, compose and cut of the whole batch) and the Python around it (request ids to
@@ -138,13 +144,14 @@ def vllm_ngram(batch: int, max_len: int) -> Any | None:
 
 def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled",
         ngram: bool = False, adaptive: bool = True, cfg: LookaheadConfig | None = None,
-        breakdown: bool = False) -> Result:
+        breakdown: bool = False, keep_order: bool = False) -> Result:
     prompts = [toy_text(ToyLanguage(1), random.Random(i), prompt_len) for i in range(batch)]
     max_len = prompt_len + tokens + 64
     engine = SimulatedEngine(cfg or LookaheadConfig(), K, prompts, model=ToyLanguage(1),
                              max_len=max_len, adaptive=adaptive,
                              drafter=functools.partial(DRAFTERS[drafter],
-                                                       step_cost_prior=SIMULATED_STEP_COST))
+                                                       step_cost_prior=SIMULATED_STEP_COST),
+                             shuffle_rows=not keep_order)
     rival = vllm_ngram(batch, max_len) if ngram else None
     draft_batch = engine.drafter.draft_batch
     digest = hashlib.sha256()
@@ -257,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-ngram", action="store_true", help="skip vLLM's NgramProposer")
     parser.add_argument("--breakdown", action="store_true",
                         help="split the compiled drafter's time into kernel and Python")
+    parser.add_argument("--keep-order", action="store_true",
+                        help="keep the batch's rows in order (default: shuffled every step)")
     parser.add_argument("--lookahead", type=json.loads, default={},
                         help='lookahead parameters as JSON, e.g. \'{"guess_set_size": 1}\' '
                              "(the request-step cells; admission uses the defaults)")
@@ -266,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     LookaheadDrafter(LookaheadConfig(), K, 64, True).warm_up()  # compile outside the timings
     print(f"prompt {args.prompt_len} tokens, {args.tokens} new tokens per request, K={K}, "
           f"adaptive (CPU path), fastest of {args.repeat}, "
+          f"rows {'in order' if args.keep_order else 'shuffled every step'}, "
           f"lookahead {args.lookahead or 'defaults'}")
     split = " kernel µs | Python µs |" if args.breakdown else ""
     print("| batch | drafter | µs/request-step |" + split + " vLLM ngram µs | accepted | "
@@ -274,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for batch in (int(b) for b in args.batch.split(",")):
         for name in names:
             runs = [run(batch, args.tokens, args.prompt_len, name, not args.no_ngram, cfg=cfg,
-                        breakdown=args.breakdown) for _ in range(args.repeat)]
+                        breakdown=args.breakdown, keep_order=args.keep_order)
+                    for _ in range(args.repeat)]
             best = min(runs, key=lambda r: r.us_per_request_step)
             ngram = min((r.ngram_us for r in runs if r.ngram_us is not None), default=None)
             assert len({r.digest for r in runs}) == 1, "chains differ between runs"

@@ -36,6 +36,9 @@ def test_proposer_cost_runs_and_its_chains_are_deterministic():
     assert (second.digest, second.accepted) == (first.digest, first.accepted)
     reference = proposer_cost.run(batch=3, tokens=60, drafter="reference")
     assert reference.digest == first.digest  # the compiled drafter proposes the same chains
+    in_order = [proposer_cost.run(batch=3, tokens=60, drafter=name, keep_order=True)
+                for name in ("compiled", "reference")]
+    assert in_order[0].digest == in_order[1].digest != first.digest
 
 
 def test_proposer_cost_breakdown_splits_the_compiled_drafters_time():
