@@ -1,37 +1,49 @@
 #!/usr/bin/env bash
 # The published tables (benchmarks/README.md): every method at equal K=8 (ngram, suffix,
 # lookahead), suffix also at vLLM's default K, `none` as the baseline, on all four prompt sets and
-# the related workload, greedy, side by side in one run per model, with lookahead's ablation points
-# next to its defaults (A=0: a fixed chain of K; S=0: no cross-request corpus; G=1: one
-# continuation per pool key). Each concurrency sends its own prompts (disjoint slices of every
-# set), so cross-request caches stay at their defaults. Sized for a 2-core CPU:
-#   SmolLM2-135M, float32: 4 / 8 / 32 prompts per set at c=1 / 8 / 32, 96 new tokens
-#     (about 55 minutes);
-#   Qwen2.5-Coder-1.5B, bfloat16 (float32 runs at half its speed here; divergence from `none`
-#     is reported): 4 prompts per set at c=1, 48 new tokens (about 25 minutes).
-# The estimates are printed first (from reference rates; they assume every request generates all
-# its tokens and every method runs as fast as `none`), then each cell reports progress.
+# the related workload, greedy, side by side in one run per model and concurrency. Sized for a
+# 2-core CPU:
+#   smollm2-c1:  SmolLM2-135M, float32, one request in flight, 4 prompts per set, 96 new tokens,
+#                with lookahead's ablation points next to its defaults (A=0: a fixed chain of K;
+#                S=0: no cross-request corpus; G=1: one continuation per pool key);
+#   smollm2-c8:  the same model, a steady stream: 32 prompts per set, 8 in flight, finished
+#                requests replaced, so the engine runs full for most of each cell;
+#   smollm2-c32: the same, 64 prompts per set with 32 in flight;
+#   qwen:        Qwen2.5-Coder-1.5B, bfloat16 (float32 runs at half its speed here; divergence
+#                from `none` is reported), 4 prompts per set at c=1, 48 new tokens.
+# About 1 h 25 min in all. The estimates are printed first (from reference rates; they assume
+# every request generates all its tokens and every method runs as fast as `none`), then each cell
+# reports progress.
 #
-#   bash benchmarks/run_all.sh              # both models
-#   bash benchmarks/run_all.sh smollm2      # one of them (smollm2, qwen)
-#   PLAN_ONLY=1 bash benchmarks/run_all.sh  # the plans and estimates only
+#   bash benchmarks/run_all.sh                        # every run
+#   bash benchmarks/run_all.sh smollm2                # smollm2-c1, smollm2-c8 and smollm2-c32
+#   bash benchmarks/run_all.sh smollm2-c8 qwen        # some of them
+#   PLAN_ONLY=1 bash benchmarks/run_all.sh            # the plans and estimates only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${OUT:-benchmarks/results}
-SMOLLM2=(--model smollm2-135m --num-prompts 1:4,8:8,32:32 --max-tokens 96
-         --concurrency 1,8,32 --lookahead-grid "A=0;S=0;G=1" --out "$OUT/smollm2-135m-k8")
+SMOLLM2=(--model smollm2-135m --max-tokens 96 --methods none,lookahead,suffix,ngram)
+SMOLLM2_C1=("${SMOLLM2[@]}" --num-prompts 4 --concurrency 1 --lookahead-grid "A=0;S=0;G=1"
+            --out "$OUT/smollm2-135m-k8-c1")
+SMOLLM2_C8=("${SMOLLM2[@]}" --num-prompts 32 --concurrency 8 --out "$OUT/smollm2-135m-k8-c8")
+SMOLLM2_C32=("${SMOLLM2[@]}" --num-prompts 64 --concurrency 32 --out "$OUT/smollm2-135m-k8-c32")
 QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 4 --max-tokens 48
       --concurrency 1 --methods none,lookahead,suffix,ngram
       --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
-RUNS=("${@:-smollm2 qwen}")
-read -r -a RUNS <<< "${RUNS[*]}"
+RUNS=()
+for run in ${@:-smollm2 qwen}; do
+    if [[ $run == smollm2 ]]; then RUNS+=(smollm2-c1 smollm2-c8 smollm2-c32); else RUNS+=("$run"); fi
+done
 
 args_of() {
     case "$1" in
-        smollm2) ARGS=("${SMOLLM2[@]}") ;;
+        smollm2-c1) ARGS=("${SMOLLM2_C1[@]}") ;;
+        smollm2-c8) ARGS=("${SMOLLM2_C8[@]}") ;;
+        smollm2-c32) ARGS=("${SMOLLM2_C32[@]}") ;;
         qwen) ARGS=("${QWEN[@]}") ;;
-        *) echo "unknown run $1 (smollm2, qwen)" >&2; exit 2 ;;
+        *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen)" >&2
+           exit 2 ;;
     esac
 }
 
