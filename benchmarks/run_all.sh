@@ -23,11 +23,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${OUT:-benchmarks/results}
-SMOLLM2=(--model smollm2-135m --max-tokens 96 --methods none,lookahead,suffix,ngram)
+# c=1 also runs suffix at vLLM's default K (the harness's default methods); the streams, the
+# longest runs, only the methods at equal K.
+SMOLLM2=(--model smollm2-135m --max-tokens 96)
 SMOLLM2_C1=("${SMOLLM2[@]}" --num-prompts 4 --concurrency 1 --lookahead-grid "A=0;S=0;G=1"
             --out "$OUT/smollm2-135m-k8-c1")
-SMOLLM2_C8=("${SMOLLM2[@]}" --num-prompts 32 --concurrency 8 --out "$OUT/smollm2-135m-k8-c8")
-SMOLLM2_C32=("${SMOLLM2[@]}" --num-prompts 64 --concurrency 32 --out "$OUT/smollm2-135m-k8-c32")
+STREAM=("${SMOLLM2[@]}" --methods none,lookahead,suffix,ngram)
+SMOLLM2_C8=("${STREAM[@]}" --num-prompts 32 --concurrency 8 --out "$OUT/smollm2-135m-k8-c8")
+SMOLLM2_C32=("${STREAM[@]}" --num-prompts 64 --concurrency 32 --out "$OUT/smollm2-135m-k8-c32")
 QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 4 --max-tokens 48
       --concurrency 1 --methods none,lookahead,suffix,ngram
       --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
