@@ -298,17 +298,16 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         admitting new requests; returns whether a prompt was completed (a request's first
         sample, where the reference admits it) and whether every row has a slot. In the steady
         state (every row known, indexed and sampled) without a loop over the rows."""
-        if req_ids == self._steady_rows and all(sampled) and self._owners_current(req_ids,
-                                                                                  requests):
-            rowsin[1] = list(map(len, sampled))
-            return False, True
-        slots = list(map(self._ready.get, req_ids))
-        if None not in slots and all(sampled) and self._owners_current(req_ids, requests):
+        if req_ids != self._steady_rows:  # else rowsin[0] holds these rows' slots already
+            slots = list(map(self._ready.get, req_ids))
+            if None in slots:
+                return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
             rowsin[0] = slots
-            rowsin[1] = list(map(len, sampled))
             self._steady_rows = list(req_ids)
-            return False, True
-        return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
+        if not (all(sampled) and self._owners_current(req_ids, requests)):
+            return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
+        rowsin[1] = list(map(len, sampled))
+        return False, True
 
     def _owners_current(self, req_ids: Sequence[str], requests: RequestSource) -> bool:
         """Whether every row's request is the one its state was made for, not another under the
