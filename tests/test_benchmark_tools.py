@@ -41,6 +41,14 @@ def test_proposer_cost_runs_and_its_chains_are_deterministic():
     assert in_order[0].digest == in_order[1].digest != first.digest
 
 
+def test_the_toy_language_is_the_same_whatever_order_it_is_asked_in():
+    contexts = [[a, b] for a in range(40) for b in range(40)]
+    forward, backward = proposer_cost.ToyLanguage(1), proposer_cost.ToyLanguage(1)
+    ahead = [forward(c) for c in contexts]
+    assert [backward(c) for c in reversed(contexts)] == ahead[::-1]
+    assert len(set(ahead)) > 40  # not only the short cycle: new contexts draw fresh successors
+
+
 def test_proposer_cost_breakdown_splits_the_compiled_drafters_time():
     kernel_step = proposer_cost.kernels.step
     split = proposer_cost.run(batch=3, tokens=60, breakdown=True)

@@ -93,8 +93,9 @@ def add_request(eng, rng):
         cut = rng.randint(1, len(prompt) - 1)
         mask = [i >= cut for i in range(len(prompt))]
     stops = frozenset(rng.sample(range(VOCAB), 2)) if rng.random() < 0.3 else frozenset()
+    max_new_tokens = rng.choice([None, rng.randint(1, 120)])
     return eng.add(prompt, random_options(rng), mask, greedy=rng.random() < 0.7,
-                   stop_token_ids=stops)
+                   stop_token_ids=stops, max_new_tokens=max_new_tokens)
 
 
 def drive(seed, cfg, k, adaptive, steps=60, prefill_chunk=None):
@@ -337,3 +338,20 @@ def test_every_text_fits_what_an_index_entry_addresses():
     LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 9)
     with pytest.raises(LookaheadConfigError, match="smaller --max-model-len"):
         LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 8)
+
+
+@pytest.mark.parametrize(("max_new_tokens", "rebuilt"), [(None, True), (64, False)])
+def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
+        max_new_tokens, rebuilt):
+    """A 2048-token prompt of tokens never repeated fills every order's table to its load limit.
+    Sized for the prompt alone, the tables are rehashed at the first output tokens, a stall in
+    that step; sized at admission for the `max_tokens` vLLM reports, never while it decodes."""
+    eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=2200)
+    rid = eng.add(list(range(100, 2148)), max_new_tokens=max_new_tokens)
+    eng.step([rid])
+    drafter, slot = eng.drafter, eng.drafter.states[rid].slot
+    orders = slice(kernels.M_TBITS, kernels.M_TBITS + kernels.NORD_MAX)
+    admitted = drafter._meta[slot, orders].copy()
+    eng.run(64)
+    assert drafter._meta[slot, kernels.M_TEXT_LEN] >= 2048 + 64
+    assert (drafter._meta[slot, orders] != admitted).any() == rebuilt

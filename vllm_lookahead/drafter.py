@@ -61,6 +61,16 @@ each step, so that indexing a long prompt costs each step no more than its share
 prefills in it, and no step stalls for a whole long prompt (32k tokens: about 5 ms on this
 project's CPU). Whatever remains is indexed at the first sample, where the reference drafter
 indexes it whole (the same index, the same chains)."""
+
+
+def _headroom(prompt_len: int, max_new_tokens: int | None) -> int:
+    """Tokens of output the text index is sized for at admission, beside the prompt: what the
+    request may generate, up to the prompt's length (at most twice the index the prompt needs).
+    Without it a prompt that fills its tables to the load limit outgrows them at its first
+    tokens, and every one of them is rehashed in that step (a 2k-token prompt: about 0.2 ms)."""
+    return min(max_new_tokens or 0, prompt_len)
+
+
 _STAT_FIELDS = ("chains", "draft_tokens", "cut_tokens", "verified_chains", "verified_tokens",
                 "accepted_tokens", "trajectory_ngrams", "resyncs")
 
@@ -406,7 +416,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt[:] = -1
-        kn.reserve_text(self._store, self._meta, self._counters, slot, len(prompt), self._tabs)
+        kn.reserve_text(self._store, self._meta, self._counters, slot,
+                        len(prompt) + _headroom(len(prompt), info.max_new_tokens), self._tabs)
         handle = SlotHandle(req_id, slot, info.owner, info.options.namespace, share, prompt)
         self.states[req_id] = handle
         return handle

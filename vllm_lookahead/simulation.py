@@ -29,10 +29,11 @@ class Requests:
 
     def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
-            stop_token_ids: frozenset[int] = frozenset()) -> None:
+            stop_token_ids: frozenset[int] = frozenset(),
+            max_new_tokens: int | None = None) -> None:
         mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
         self._infos[rid] = RequestInfo(object(), prompt_len, stop_token_ids,
-                                       options or RequestOptions(), greedy, mask)
+                                       options or RequestOptions(), greedy, mask, max_new_tokens)
 
     def remove(self, rid: str) -> None:
         del self._infos[rid]
@@ -76,10 +77,12 @@ class SimulatedEngine:
 
     def add(self, prompt: Sequence[int], options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
-            stop_token_ids: frozenset[int] = frozenset()) -> str:
+            stop_token_ids: frozenset[int] = frozenset(),
+            max_new_tokens: int | None = None) -> str:
         """A new request `req-<n>`; it joins the batch at the next `run`."""
         rid = f"req-{len(self.tokens)}"
-        self.requests.add(rid, len(prompt), options, prompt_mask, greedy, stop_token_ids)
+        self.requests.add(rid, len(prompt), options, prompt_mask, greedy, stop_token_ids,
+                          max_new_tokens)
         self.tokens[rid] = list(prompt)
         self.drafts[rid] = []
         if self.prefill_chunk is not None:

@@ -62,6 +62,8 @@ class RequestInfo:
     prompt_mask: np.ndarray | None = None
     """True where a prompt position holds a real token id (False for positions filled from
     `prompt_embeds` or multimodal placeholders); None: every position does."""
+    max_new_tokens: int | None = None
+    """The most tokens the request may generate (vLLM's `max_tokens`); None: unknown."""
 
 
 class RequestSource(Protocol):

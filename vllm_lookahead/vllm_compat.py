@@ -296,7 +296,8 @@ class RunnerRequests:
                            stop_token_ids=frozenset(int(t) for t in stops),
                            options=request_options(req_id, params),
                            greedy=_is_greedy(params),
-                           prompt_mask=prompt_mask(owner))
+                           prompt_mask=prompt_mask(owner),
+                           max_new_tokens=getattr(params, "max_tokens", None))
 
     def prefilled(self, req_id: str) -> int:
         return int(getattr(self._runner.requests.get(req_id), "num_computed_tokens", 0))
