@@ -343,15 +343,18 @@ def test_every_text_fits_what_an_index_entry_addresses():
 @pytest.mark.parametrize(("max_new_tokens", "rebuilt"), [(None, True), (64, False)])
 def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
         max_new_tokens, rebuilt):
-    """A 2048-token prompt of tokens never repeated fills every order's table to its load limit.
-    Sized for the prompt alone, the tables are rehashed at the first output tokens, a stall in
-    that step; sized at admission for the `max_tokens` vLLM reports, never while it decodes."""
-    eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=2200)
-    rid = eng.add(list(range(100, 2148)), max_new_tokens=max_new_tokens)
+    """A prompt of tokens never repeated, as long as fills every order's table to its load limit
+    (2/3 of 4096 entries). Sized for the prompt alone, the tables are rehashed at the first
+    output tokens, a stall in that step; sized at admission for the `max_tokens` vLLM reports,
+    never while it decodes."""
+    prompt_len = 2 * 4096 // 3 - 1  # its first sample indexed too: 2730 keys, the limit
+    eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=prompt_len + 100)
+    rid = eng.add(list(range(100, 100 + prompt_len)), max_new_tokens=max_new_tokens)
     eng.step([rid])
     drafter, slot = eng.drafter, eng.drafter.states[rid].slot
     orders = slice(kernels.M_TBITS, kernels.M_TBITS + kernels.NORD_MAX)
     admitted = drafter._meta[slot, orders].copy()
+    assert (admitted == 12).all() == (max_new_tokens is None)  # 4096 entries: at the limit
     eng.run(64)
-    assert drafter._meta[slot, kernels.M_TEXT_LEN] >= 2048 + 64
+    assert drafter._meta[slot, kernels.M_TEXT_LEN] >= prompt_len + 64
     assert (drafter._meta[slot, orders] != admitted).any() == rebuilt

@@ -298,13 +298,15 @@ def _table_insert_new(table, off, bits, h, value):
 
 @njit(cache=True)
 def _reserve_index(store, meta, totals, s, extra, tabs):
-    """Room for `extra` more keys in every order's table (load at most 1/2): the region is
+    """Room for `extra` more keys in every order's table (load at most 2/3: with six bits of
+    fingerprint in each entry, the longer probes of a fuller table rarely read the text, and a
+    table half the size keeps more of a large batch in the caches): the region is
     rebuilt with larger tables where needed, entries rehashed from the text they point to."""
     nord = tabs[C_NORD]
     grow = False
     for o in range(nord):
         bits = meta[s, M_TBITS + o]
-        if bits == 0 or 2 * (meta[s, M_TCOUNT + o] + extra) > (1 << bits):
+        if bits == 0 or 3 * (meta[s, M_TCOUNT + o] + extra) > 2 << bits:
             grow = True
     if not grow:
         return
@@ -315,7 +317,7 @@ def _reserve_index(store, meta, totals, s, extra, tabs):
     size = 0
     for o in range(nord):
         bits = max(old_bits[o], 4)
-        while 2 * (meta[s, M_TCOUNT + o] + extra) > (1 << bits):
+        while 3 * (meta[s, M_TCOUNT + o] + extra) > 2 << bits:
             bits += 1
         meta[s, M_TBITS + o] = bits
         meta[s, M_TOFF + o] = size
