@@ -101,7 +101,7 @@ def test_the_hook_is_installed_once_over_vllms_method():
 
 class FakeRunner:
     def __init__(self, extra_args):
-        params = SimpleNamespace(extra_args=extra_args, all_stop_token_ids={2})
+        params = SimpleNamespace(extra_args=extra_args, all_stop_token_ids={2}, max_tokens=9)
         self.requests = {"r": SimpleNamespace(sampling_params=params)}
         self.input_batch = SimpleNamespace(num_prompt_tokens=np.array([5]))
 
@@ -114,6 +114,7 @@ def test_runner_requests_carry_the_options_to_the_drafter():
     assert info.options == RequestOptions(num_speculative_tokens=2, namespace="t")
     assert info.num_prompt_tokens == 5
     assert info.stop_token_ids == frozenset({2})
+    assert info.max_new_tokens == 9  # the drafter sizes the request's text index for them
     assert RunnerRequests(FakeRunner(None)).info(0, "r").options == RequestOptions()
 
 
