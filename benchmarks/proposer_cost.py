@@ -45,6 +45,7 @@ import numpy as np
 from vllm_lookahead import kernels
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.drafter import LookaheadDrafter
+from vllm_lookahead.jacobi_window import splitmix64
 from vllm_lookahead.reference_drafter import ReferenceDrafter
 from vllm_lookahead.simulation import Requests, SimulatedEngine
 
@@ -98,13 +99,10 @@ class ToyLanguage:
 
 
 def _mix64(*values: int) -> int:
-    """A well-spread 64-bit hash of small non-negative integers (splitmix64's finaliser)."""
+    """A well-spread 64-bit hash of small non-negative integers (SplitMix64 over each in turn)."""
     h = 0
     for value in values:
-        h = (h + value + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
+        h = splitmix64((h + value) & _MASK64)[1]
     return h
 
 
