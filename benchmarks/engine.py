@@ -183,6 +183,10 @@ class Batch:
     """Lookahead counters read while requests were live (empty for other methods)."""
     steps: int = 0
     """Engine steps that returned output (each one target forward for the batch)."""
+    full_s: float = 0.0
+    """Time spent in engine steps that began with `concurrency` requests in flight."""
+    full_tokens: int = 0
+    """Tokens those full-batch steps generated."""
 
     @property
     def output_tokens(self) -> int:
@@ -215,7 +219,8 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any, concurr
     in_flight: dict[str, tuple[int, float, Finished]] = {}
     done: dict[int, Finished] = {}
     watcher = _StatsWatcher(eng.stats_path)
-    tokens = steps = 0
+    tokens = steps = full_tokens = 0
+    full_s = 0.0
 
     def submit() -> None:
         # Not LLM.enqueue: it returns vLLM's internal request ids, while outputs carry the
@@ -229,6 +234,11 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any, concurr
     while pending and len(in_flight) < concurrency:
         submit()
     while in_flight:
+        # A stream fills its batch and drains it at the end; a method that finishes requests in
+        # fewer steps spends a larger share of its steps in those ramps. Steps that begin with a
+        # full batch measure the method at this concurrency.
+        full = len(in_flight) >= min(concurrency, len(prompts))
+        step_start, step_tokens = time.perf_counter(), tokens
         outputs = eng.llm.llm_engine.step()
         steps += bool(outputs)
         for out in outputs:
@@ -247,11 +257,15 @@ def generate(eng: Engine, prompts: Sequence[Sequence[int]], params: Any, concurr
                 done[index] = request
                 if pending:
                     submit()
+        if full:
+            full_s += time.perf_counter() - step_start
+            full_tokens += tokens - step_tokens
         watcher.poll()
         if on_step is not None:
             on_step(len(done), tokens)
     wall = time.perf_counter() - start
-    return Batch([done[i] for i in range(len(prompts))], wall, watcher.samples, steps)
+    return Batch([done[i] for i in range(len(prompts))], wall, watcher.samples, steps, full_s,
+                 full_tokens)
 
 
 class _StatsWatcher:

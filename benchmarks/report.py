@@ -141,7 +141,9 @@ def _summary(cells: Sequence[Row], meta: dict[str, Any]) -> list[str]:
             return "-"
         if method == BASELINE:
             return f"{_num(cell['tokens_per_s'], '.1f')} tok/s"
-        return f"{_num(cell['tokens_per_forward'])}, {_num(cell['speedup'])}x"
+        full = cell.get("full_batch_speedup") if concurrency > 1 else None
+        return (f"{_num(cell['tokens_per_forward'])}, {_num(cell['speedup'])}x"
+                + (f" (full {_num(full)}x)" if full is not None else ""))
 
     def per_set(method: str, dataset: str) -> str:
         cell = index.get((method, dataset, first))
@@ -153,8 +155,9 @@ def _summary(cells: Sequence[Row], meta: dict[str, Any]) -> list[str]:
             *_table(["method", "K", *(f"{ALL}, c={c}: t/f, x" for c in concurrencies),
                      *(f"{d} t/f, c={first}" for d in datasets)], rows), "",
             f"t/f = generated tokens per target forward; x = output tokens/s over `{BASELINE}`'s "
-            f"in the same cells (`{BASELINE}`'s own row gives its tokens/s). `{ALL}` pools the "
-            "sets named in the header's note."]
+            f"in the same cells (`{BASELINE}`'s own row gives its tokens/s); full: the same over "
+            "the engine steps that began with a full batch, without the stream's ramps. "
+            f"`{ALL}` pools the sets named in the header's note."]
 
 
 VERSUS = "lookahead"
@@ -198,6 +201,8 @@ def _throughput(cells: Sequence[Row]) -> list[str]:
         la = c.get("lookahead")
         rows.append([c["method"], c["dataset"], str(c["concurrency"]), str(c["prompts"]),
                      _num(c["tokens_per_s"], ".1f"), _num(c["speedup"]),
+                     _num_or_na(c.get("full_batch_speedup")),
+                     _num_or_na(c.get("full_batch_share"), ".0%"),
                      _num(c["tokens_per_forward"]), _num(c["mean_acceptance_length"]),
                      _num(c["acceptance_rate"], ".1%"), _num(c["latency_p50_s"]),
                      _num(c["latency_p90_s"]), _num(c.get("step_ms"), ".1f"),
@@ -205,9 +210,13 @@ def _throughput(cells: Sequence[Row]) -> list[str]:
                      _num_or_na(la and la["propose_share_of_wall"], ".1%"),
                      str(c["equality"]["differing_prompts"])])
     return ["## Throughput and acceptance", "",
-            *_table(["method", "dataset", "c", "prompts", "tok/s", "x none", "tok/forward",
+            *_table(["method", "dataset", "c", "prompts", "tok/s", "x none", "x none (full)",
+                     "full %", "tok/forward",
                      "mean acc. len", "acc. rate", "p50 s", "p90 s", "step ms",
                      "propose ms/step", "propose % of wall", "≠ none"], rows), "",
+            "x none (full): the speed-up over the engine steps that began with a full batch "
+            "(`c` requests in flight), leaving out the stream's ramps at its start and end; "
+            "full %: those steps' share of the cell's wall time. "
             "tok/forward = generated tokens / target forwards, the forwards counted per request "
             "from vLLM's per-step outputs, steps without a draft included. (generated / "
             "(generated - accepted) overstates it: vLLM also counts drafts accepted past the "

@@ -458,6 +458,7 @@ def summarize(cells: Sequence[Cell], baseline: Sequence[Cell], pooled: bool = Fa
     spec = eng.Speculation.of(tokens, sum(c.batch.forwards for c in cells), delta)
     latencies = [o.latency_s for c in cells for o in c.batch.outputs]
     base_rate = sum(c.batch.output_tokens for c in baseline) / sum(c.batch.wall_s for c in baseline)
+    full_rate, base_full_rate = (_full_batch_rate(cs) for cs in (cells, baseline))
     row: dict[str, Any] = {
         "method": cells[0].method,
         "dataset": ALL_DATASETS if pooled else cells[0].dataset,
@@ -467,6 +468,8 @@ def summarize(cells: Sequence[Cell], baseline: Sequence[Cell], pooled: bool = Fa
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "speedup": tokens / wall / base_rate,
+        "full_batch_share": sum(c.batch.full_s for c in cells) / wall,
+        "full_batch_speedup": full_rate / base_full_rate if full_rate and base_full_rate else None,
         "latency_p50_s": float(np.percentile(latencies, 50)),
         "latency_p90_s": float(np.percentile(latencies, 90)),
         "tokens_per_forward": spec.tokens_per_forward,
@@ -485,6 +488,12 @@ def summarize(cells: Sequence[Cell], baseline: Sequence[Cell], pooled: bool = Fa
         samples = [s for c in cells for s in c.batch.pool_samples]
         row["lookahead"] = lookahead_figures(delta.proposer, wall, samples)
     return row
+
+
+def _full_batch_rate(cells: Sequence[Cell]) -> float | None:
+    """Tokens per second over the steps that began with a full batch."""
+    seconds = sum(c.batch.full_s for c in cells)
+    return sum(c.batch.full_tokens for c in cells) / seconds if seconds > 0 else None
 
 
 def compare_outputs(cells: Sequence[Cell], baseline: Sequence[Cell]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 drafter cost benchmark, and the harness's plan (methods, prompts per cell, the related workload,
 progress, estimates, pooled rows and the report)."""
 
+import dataclasses
 import zipfile
 from random import Random
 
@@ -255,6 +256,22 @@ def test_pooled_rows_leave_the_related_set_out_and_the_report_summarises():
     assert "## `lookahead` vs the best of `ngram` at equal K" in text
     assert "| 1 | 1.00 (ngram) | 1.00 (ngram) | 1.00 (ngram) |" in text
     assert "n/a" in text  # no proposer figures for vLLM's methods
+
+
+def test_full_batch_speedup_counts_only_the_steps_that_began_with_a_full_batch():
+    def cell(method, wall, full_s, full_tokens):
+        base = _cell(method, "mtbench", 8, [[1, 2, 3, 4]] * 8, wall)
+        batch = dataclasses.replace(base.batch, full_s=full_s, full_tokens=full_tokens)
+        return dataclasses.replace(base, batch=batch)
+
+    # lookahead finishes sooner overall, but at full batch it is slower than none.
+    none, lookahead = cell("none", 4.0, 3.0, 30), cell("lookahead", 2.0, 1.0, 8)
+    row = run.summarize([lookahead], [none])
+    assert row["speedup"] == pytest.approx(2.0)
+    assert row["full_batch_speedup"] == pytest.approx(0.8)
+    assert row["full_batch_share"] == pytest.approx(0.5)
+    never_full = cell("none", 4.0, 0.0, 0)
+    assert run.summarize([lookahead], [never_full])["full_batch_speedup"] is None
 
 
 def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch):
