@@ -6,6 +6,7 @@ requests, adaptive chains with deterministic step times."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -343,11 +344,11 @@ def test_every_text_fits_what_an_index_entry_addresses():
 @pytest.mark.parametrize(("max_new_tokens", "rebuilt"), [(None, True), (64, False)])
 def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
         max_new_tokens, rebuilt):
-    """A prompt of tokens never repeated, as long as fills every order's table to its load limit
-    (2/3 of 4096 entries). Sized for the prompt alone, the tables are rehashed at the first
-    output tokens, a stall in that step; sized at admission for the `max_tokens` vLLM reports,
-    never while it decodes."""
-    prompt_len = 2 * 4096 // 3 - 1  # its first sample indexed too: 2730 keys, the limit
+    """A prompt of tokens never repeated, as long as fills every order's table to the load it is
+    sized for (3/5 of 4096 entries). Sized for the prompt alone, the tables are rehashed from the
+    first output tokens on; sized at admission for the `max_tokens` vLLM reports, never while it
+    decodes."""
+    prompt_len = 3 * 4096 // 5 - 1  # its first sample indexed too: 2457 keys, the limit
     eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=prompt_len + 100)
     rid = eng.add(list(range(100, 100 + prompt_len)), max_new_tokens=max_new_tokens)
     eng.step([rid])
@@ -358,3 +359,21 @@ def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
     eng.run(64)
     assert drafter._meta[slot, kernels.M_TEXT_LEN] >= prompt_len + 64
     assert (drafter._meta[slot, orders] != admitted).any() == rebuilt
+
+
+def test_a_growing_index_rehashes_one_table_per_step():
+    """Past the headroom, a decoding request's tables fill at the same rate; each is grown in a
+    step of its own, not all of them in one (each rehash stalls the step that does it)."""
+    prompt_len = 3 * 4096 // 5 - 1  # 2457 keys: every table at the load it was sized for
+    eng = SimulatedEngine(LookaheadConfig(), 7, [], lambda tokens: 5000 + len(tokens),
+                          max_len=prompt_len + 41 * 8)
+    rid = eng.add(list(range(100, 100 + prompt_len)))  # every output token new
+    eng.step([rid])
+    drafter, slot = eng.drafter, eng.drafter.states[rid].slot
+    orders = slice(kernels.M_TBITS, kernels.M_TBITS + kernels.NORD_MAX)
+    bits = [drafter._meta[slot, orders].copy()]
+    for _ in range(40):
+        eng.step([rid])
+        bits.append(drafter._meta[slot, orders].copy())
+    assert (bits[0] == 12).all() and (bits[-1] == 13).all()
+    assert all((a != b).sum() <= 1 for a, b in itertools.pairwise(bits))
