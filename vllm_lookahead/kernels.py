@@ -334,18 +334,15 @@ def _reserve_index(store, meta, totals, s, extra, tabs):
     that step with every table's rehash. The region is rebuilt with the larger tables, their
     entries rehashed from the text they point to."""
     nord = tabs[C_NORD]
-    grows = np.zeros(nord, dtype=np.bool_)
-    early, fullest = -1, 0.0
+    must, early, fullest = False, -1, 0.0
     for o in range(nord):
         count, bits = meta[s, M_TCOUNT + o] + extra, meta[s, M_TBITS + o]
         if _over(count, bits, 2, 3):
-            grows[o] = True
+            must = True
         elif _over(count, bits, 3, 5) and count / (1 << bits) > fullest:
             early, fullest = o, count / (1 << bits)
-    if not grows.any():
-        if early < 0:
-            return
-        grows[early] = True
+    if not must and early < 0:
+        return
     old = store[s * NREG + R_INDEX]
     text = store[s * NREG + R_TEXT]
     old_off = meta[s, M_TOFF:M_TOFF + nord].copy()
@@ -353,7 +350,7 @@ def _reserve_index(store, meta, totals, s, extra, tabs):
     size = 0
     for o in range(nord):
         bits = old_bits[o]
-        if grows[o]:
+        if _over(meta[s, M_TCOUNT + o] + extra, bits, 2, 3) if must else o == early:
             bits = max(bits, 4)
             while _over(meta[s, M_TCOUNT + o] + extra, bits, 3, 5):
                 bits += 1
