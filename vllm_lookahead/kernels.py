@@ -1223,6 +1223,22 @@ def _cut(slots, out_len, out_reach, stats, rows, total, step_cost, token_cost):
 # --- the step ---------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _prefetch_slot(meta, jw, jl, slots, row):
+    """Start loading the per-slot state of the batch's next row while this one is worked on."""
+    if row + 1 >= slots.shape[0] or slots[row + 1] < 0:
+        return
+    s = slots[row + 1]
+    for j in range(0, M_FIELDS, 8):
+        _prefetch(meta, s * M_FIELDS + j)
+    width = jw.shape[1] * jw.shape[2]
+    for j in range(0, width, 16):
+        _prefetch(jw, s * width + j)
+    width = jl.shape[1] * jl.shape[2] * jl.shape[3]
+    for j in range(0, width, 16):
+        _prefetch(jl, s * width + j)
+
+
 @njit(cache=True)
 def step(st, rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, flags, seconds):
     """One engine step of the whole batch: sync every row (learn from its verified chain), fit the
@@ -1244,6 +1260,7 @@ def step(st, rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, flags, second
         if s < 0:
             continue
         rows += 1
+        _prefetch_slot(meta, jw, jl, slots, row)
         t = -1 if tcu.shape[0] == 0 else row if tidx.shape[0] == 0 else tidx[row]
         base, lo, hi = (tb[t], tcu[t], tcu[t + 1]) if t >= 0 else (0, 0, 0)
         verified += _sync(store, meta, rng, jw, jl, acc, fl, tabs, counters, s, token_ids[row],
@@ -1269,6 +1286,7 @@ def step(st, rowsin, num_tokens, token_ids, tb, tcu, tidx, fd, fy, flags, second
         out_len[row] = 0
         if s < 0:
             continue
+        _prefetch_slot(meta, jw, jl, slots, row)
         n = _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, token_ids[row],
                      np.int64(num_tokens[row]), out, out_reach, row, ctx, hashes, result, otok,
                      op, oprim, osrc, okind, orun, floor)
