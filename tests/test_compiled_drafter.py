@@ -341,6 +341,11 @@ def test_every_text_fits_what_an_index_entry_addresses():
         LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 8)
 
 
+FILLED_PROMPT_LEN = 3 * 4096 // 5 - 1
+"""Distinct tokens that, with the first sample indexed too (2 457 keys), fill every order's table
+of 4 096 entries to the load of 3/5 it is sized for."""
+
+
 @pytest.mark.parametrize(("max_new_tokens", "rebuilt"), [(None, True), (64, False)])
 def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
         max_new_tokens, rebuilt):
@@ -348,7 +353,7 @@ def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
     sized for (3/5 of 4096 entries). Sized for the prompt alone, the tables are rehashed from the
     first output tokens on; sized at admission for the `max_tokens` vLLM reports, never while it
     decodes."""
-    prompt_len = 3 * 4096 // 5 - 1  # its first sample indexed too: 2457 keys, the limit
+    prompt_len = FILLED_PROMPT_LEN
     eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=prompt_len + 100)
     rid = eng.add(list(range(100, 100 + prompt_len)), max_new_tokens=max_new_tokens)
     eng.step([rid])
@@ -364,7 +369,7 @@ def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
 def test_a_growing_index_rehashes_one_table_per_step():
     """Past the headroom, a decoding request's tables fill at the same rate; each is grown in a
     step of its own, not all of them in one (each rehash stalls the step that does it)."""
-    prompt_len = 3 * 4096 // 5 - 1  # 2457 keys: every table at the load it was sized for
+    prompt_len = FILLED_PROMPT_LEN
     eng = SimulatedEngine(LookaheadConfig(), 7, [], lambda tokens: 5000 + len(tokens),
                           max_len=prompt_len + 41 * 8)
     rid = eng.add(list(range(100, 100 + prompt_len)))  # every output token new

@@ -1082,7 +1082,6 @@ def _compose(store, meta, rng, jw, jl, acc, tabs, nsmap, s, tokens, length, out,
     nindex = _region(meta, ns, R_INDEX) if ns >= 0 else index
     nprompt = meta[s, M_NPROMPT]
     hbits = meta[s, M_HBITS]
-    # An empty pool (hbits 0) is never read: its regions are not fetched.
     phash = _region(meta, s, R_PHASH)
     pkeys = _region(meta, s, R_PKEYS)
     nodes = _region(meta, s, R_PNODES)
