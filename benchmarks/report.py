@@ -52,7 +52,8 @@ def markdown(results: dict[str, Any]) -> str:
         "latency from a request's submission to its last token.",
         _design(meta), "",
         "Methods (K = draft tokens verified per step at most):", "",
-        *(f"- `{m['name']}`: {m['speculative_config'] or 'no speculation'}, K="
+        *(f"- `{m['name']}`{_round_label(m, meta)}: "
+          f"{m['speculative_config'] or 'no speculation'}, K="
           f"{m['num_speculative_tokens'] or 0}, async scheduling "
           f"{'on' if m['async_scheduling'] else 'off'}, engine start {m['engine_start_s']} s"
           + (f", {_duration(m['elapsed_s'])} in all" if m.get("elapsed_s") else "")
@@ -65,10 +66,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("**Incomplete: the run stopped before every method was measured.**")
     if meta["quick"]:
         lines.append("**Quick smoke run of the harness: tiny random model, timings mean nothing.**")
-    lines += ["", *_summary(cells, meta), "", *_versus(cells), "", *_throughput(cells), "",
+    lines += ["", *_summary(cells, meta), "", *_rounds(results.get("rounds", [])), "",
+              *_versus(cells), "", *_throughput(cells), "",
               *_per_position(cells, meta), "", *_lookahead(cells), "",
               *_equality(cells, meta["dtype"]), ""]
     return "\n".join(lines)
+
+
+def _round_label(method: dict[str, Any], meta: dict[str, Any]) -> str:
+    rounds = meta.get("rounds", 1)
+    return f" (round {method['round'] + 1}/{rounds})" if rounds > 1 else ""
 
 
 def _accelerator(meta: dict[str, Any]) -> str:
@@ -158,6 +165,32 @@ def _summary(cells: Sequence[Row], meta: dict[str, Any]) -> list[str]:
             f"in the same cells (`{BASELINE}`'s own row gives its tokens/s); full: the same over "
             "the engine steps that began with a full batch, without the stream's ramps. "
             f"`{ALL}` pools the sets named in the header's note."]
+
+
+def _rounds(rows: Sequence[Row]) -> list[str]:
+    """Each round's speed-up over `none` of the same round, and how often each method led."""
+    if not rows:
+        return []
+    count = len(rows[0]["speedups"])
+    firsts: dict[tuple[str, int, str], int] = {}
+    for concurrency, dataset in dict.fromkeys((r["concurrency"], r["dataset"]) for r in rows):
+        rivals = [r for r in rows if (r["concurrency"], r["dataset"]) == (concurrency, dataset)]
+        for i in range(count):
+            best = max(rivals, key=lambda r: r["speedups"][i])
+            key = (best["method"], concurrency, dataset)
+            firsts[key] = firsts.get(key, 0) + 1
+    table = [[row["method"], str(row["concurrency"]), row["dataset"],
+              *(_num(x) for x in row["speedups"]), f"**{_num(row['median'])}**",
+              f"{sum(x > 1.0 for x in row['speedups'])}/{count}",
+              f"{firsts.get((row['method'], row['concurrency'], row['dataset']), 0)}/{count}"]
+             for row in sorted(rows, key=lambda row: (row["concurrency"], row["dataset"]))]
+    return ["## Rounds", "",
+            *_table(["method", "c", "dataset", *(f"round {r + 1}" for r in range(count)),
+                     "median", f"above `{BASELINE}`", "first"], table), "",
+            "Each round ran every method on a fresh engine over the same prompts, the order "
+            f"reversed every other round; a round's figure is output tokens/s over `{BASELINE}`'s "
+            "in the same round. above: rounds faster than it; first: rounds in which the method "
+            "was the fastest of those drafting."]
 
 
 VERSUS = "lookahead"

@@ -21,6 +21,12 @@ request's latency runs from its submission to its last token. A cell at c has at
 outputs are compared token by token with `none`'s in the same cell. Counters are read before and
 after each cell, so a cell's figures are its own.
 
+With --rounds R every method runs R times, each round on fresh engines over the same prompts,
+the methods' order reversed every other round (A B, B A, A B, ...), so that a drift of the
+machine's speed falls on both sides of a comparison. The tables pool the rounds; the rounds
+table gives each round's speed-up over `none` of the same round, which shows whether a gap
+smaller than the run-to-run noise has a consistent sign.
+
 Writes results.json, results.md and PNG plots under --out, after every method.
 """
 
@@ -106,6 +112,8 @@ class Cell:
     concurrency: int
     batch: eng.Batch
     delta: eng.Counters
+    round_index: int = 0
+    """Which of --rounds measured it."""
 
 
 # --- methods -------------------------------------------------------------------------------
@@ -407,9 +415,14 @@ class Progress:
 
 # --- measuring -----------------------------------------------------------------------------
 
+def round_order(methods: Sequence[Method], round_index: int) -> list[Method]:
+    """The methods in the order round `round_index` runs them: reversed every other round."""
+    return list(methods) if round_index % 2 == 0 else list(reversed(methods))
+
+
 def measure(method: Method, cfg: eng.EngineConfig,
             plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]], params: Any,
-            tokenizer: Any) -> tuple[list[Cell], dict[str, Any]]:
+            tokenizer: Any, round_index: int = 0) -> tuple[list[Cell], dict[str, Any]]:
     """Every cell of `plan` (dataset -> concurrency -> prompts) on one engine for `method`,
     concurrency by concurrency."""
     started = time.perf_counter()
@@ -417,7 +430,8 @@ def measure(method: Method, cfg: eng.EngineConfig,
     cells = []
     with eng.engine(cfg, method.speculative_config) as engine:
         vllm_config = engine.llm.llm_engine.vllm_config
-        info = {"name": method.name, "speculative_config": method.speculative_config,
+        info = {"name": method.name, "round": round_index,
+                "speculative_config": method.speculative_config,
                 "engine_start_s": round(time.perf_counter() - started, 1),
                 # vLLM turns async scheduling off for most speculative methods; say so next to
                 # the numbers it affects.
@@ -433,7 +447,7 @@ def measure(method: Method, cfg: eng.EngineConfig,
                 before = eng.read_counters(engine)
                 batch = eng.generate(engine, prompts, params, concurrency, progress)
                 cells.append(Cell(method.name, dataset, concurrency, batch,
-                                  eng.read_counters(engine).minus(before)))
+                                  eng.read_counters(engine).minus(before), round_index))
                 print_progress(cells[-1])
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     return cells, info
@@ -532,20 +546,63 @@ def lookahead_figures(proposer: dict[str, Any], wall_s: float,
 
 def summaries(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """A row per method x dataset x concurrency, and per method x concurrency a pooled `all` over
-    the unrelated sets (none if there are none)."""
+    the unrelated sets (none if there are none); each pools the rounds."""
     def pick(method: str, concurrency: int, dataset: str | None = None) -> list[Cell]:
         return [c for c in cells if c.method == method and c.concurrency == concurrency
                 and (dataset is None or c.dataset == dataset)]
 
+    cells = paired_with_baseline(cells)
     rows = []
     keys = dict.fromkeys((c.method, c.concurrency) for c in cells)
     for method, concurrency in keys:
-        for cell in pick(method, concurrency):
-            rows.append(summarize([cell], pick(BASELINE, concurrency, cell.dataset)))
+        for dataset in dict.fromkeys(c.dataset for c in pick(method, concurrency)):
+            rows.append(summarize(pick(method, concurrency, dataset),
+                                  pick(BASELINE, concurrency, dataset)))
         pooled = [c for c in pick(method, concurrency) if c.dataset not in RELATED_SETS]
         if pooled:
             rows.append(summarize(pooled, [c for c in pick(BASELINE, concurrency)
                                            if c.dataset not in RELATED_SETS], pooled=True))
+    return rows
+
+
+def paired_with_baseline(cells: Sequence[Cell]) -> list[Cell]:
+    """The cells of the rounds in which the baseline ran: a run cut short (or its partial
+    results, written after every method) may have a round that has not reached it yet."""
+    measured = {c.round_index for c in cells if c.method == BASELINE}
+    return [c for c in cells if c.round_index in measured]
+
+
+def round_speedups(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Per method x concurrency, pooled over the unrelated sets (and per related set): the
+    speed-up over `none` in each round, each against the baseline of its own round. Empty for a
+    run of one round."""
+    cells = paired_with_baseline(cells)
+    rounds = sorted({c.round_index for c in cells})
+    if len(rounds) < 2:
+        return []
+
+    def rate(method: str, concurrency: int, group: str, round_index: int) -> float | None:
+        picked = [c for c in cells if c.method == method and c.concurrency == concurrency
+                  and c.round_index == round_index
+                  and (c.dataset == group if group in RELATED_SETS
+                       else c.dataset not in RELATED_SETS)]
+        wall = sum(c.batch.wall_s for c in picked)
+        return sum(c.batch.output_tokens for c in picked) / wall if wall > 0 else None
+
+    groups = [ALL_DATASETS, *dict.fromkeys(c.dataset for c in cells
+                                           if c.dataset in RELATED_SETS)]
+    rows = []
+    for method, concurrency in dict.fromkeys((c.method, c.concurrency) for c in cells):
+        if method == BASELINE:
+            continue
+        for group in groups:
+            pairs = [(rate(method, concurrency, group, r), rate(BASELINE, concurrency, group, r))
+                     for r in rounds]
+            if not all(ours and base for ours, base in pairs):
+                continue
+            speedups = [ours / base for ours, base in pairs]
+            rows.append({"method": method, "concurrency": concurrency, "dataset": group,
+                         "speedups": speedups, "median": float(np.median(speedups))})
     return rows
 
 
@@ -592,6 +649,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lookahead-grid", default="",
                         help='extra lookahead settings, e.g. "A=0;N=5,G=16;S=0" (K, W too); '
                              "a point without K or W drafts --k tokens")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, each round on fresh engines over "
+                             "the same prompts, the order of the methods reversed every other "
+                             "round; the report pairs each round with `none`'s (%(default)s)")
     parser.add_argument("--reuse-prompts", action="store_true",
                         help="the old design: every concurrency replays the same first prompts, "
                              "with suffix's global cache and lookahead's shared pool off so that "
@@ -609,6 +670,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         vars(args).update(QUICK)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     try:
         args.num_prompts = parse_num_prompts(str(args.num_prompts))
     except argparse.ArgumentTypeError as e:
@@ -623,7 +686,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
                   plan: Mapping[str, Mapping[int, Sequence[Any]]], estimate_s: float | None,
-                  reuse: bool) -> list[str]:
+                  reuse: bool, rounds: int = 1) -> list[str]:
     sizes = next(iter(plan.values()))
     per_method = sum(len(p) for by_c in plan.values() for p in by_c.values())
     lines = [f"methods: {', '.join(m.name for m in methods)}",
@@ -632,7 +695,9 @@ def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
              + ", ".join(f"{len(p)} at c={c}" for c, p in sizes.items())
              + (" (the same prompts at every concurrency)" if reuse
                 else " (each concurrency its own prompts)")
-             + f"; {per_method} requests per method"]
+             + f"; {per_method} requests per method"
+             + (f" and round, {rounds} rounds (the order reversed every other round)"
+                if rounds > 1 else "")]
     if estimate_s is not None:
         lines.append(f"estimated duration: about {duration(estimate_s)} ({round(estimate_s)} s), "
                      "from this model's reference rates on a 2-core CPU (scales with the "
@@ -657,8 +722,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = plan_prompts([d.strip() for d in args.datasets.split(",") if d.strip()], sizes,
                          args.reuse_prompts)
     estimate = estimate_run_s(args.model, args.dtype, sizes, len(texts), args.max_tokens,
-                              len(methods))
-    for line in describe_plan(methods, skipped, texts, estimate, args.reuse_prompts):
+                              args.rounds * len(methods))
+    for line in describe_plan(methods, skipped, texts, estimate, args.reuse_prompts,
+                              args.rounds):
         print(line, flush=True)
     if args.plan:
         return
@@ -680,20 +746,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells: list[Cell] = []
     method_info = []
     run_start = time.perf_counter()
-    for number, method in enumerate(methods, 1):
-        print(f"== {method.name} (method {number}/{len(methods)})", flush=True)
-        method_cells, info = measure(method, cfg, plan, params, tokenizer)
+    runs = [(r, m) for r in range(args.rounds) for m in round_order(methods, r)]
+    for number, (round_index, method) in enumerate(runs, 1):
+        label = f" round {round_index + 1}/{args.rounds}," if args.rounds > 1 else ""
+        print(f"== {method.name} ({label} method run {number}/{len(runs)})", flush=True)
+        method_cells, info = measure(method, cfg, plan, params, tokenizer, round_index)
         cells += method_cells
         method_info.append(info)
         elapsed = time.perf_counter() - run_start
-        left = elapsed / number * (len(methods) - number)
+        left = elapsed / number * (len(runs) - number)
         print(f"== {method.name} done in {duration(info['elapsed_s'])}; run {duration(elapsed)} "
               f"so far, about {duration(left)} to go", flush=True)
         # Published after every method, so a run cut short keeps what it measured.
-        complete = method is methods[-1]
+        complete = number == len(runs)
         results = {"meta": run_meta(args, model, cfg, plan, method_info, skipped, accelerator,
                                     complete, estimate, time.perf_counter() - run_start),
-                   "cells": summaries(cells)}
+                   "cells": summaries(cells), "rounds": round_speedups(cells)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         try:
@@ -718,7 +786,7 @@ def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
         "device": args.device, "accelerator": accelerator,
         "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
         "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
-        "k": args.k, "reuse_prompts": args.reuse_prompts,
+        "k": args.k, "reuse_prompts": args.reuse_prompts, "rounds": args.rounds,
         "prompts": {name: {str(c): len(p) for c, p in by_c.items()}
                     for name, by_c in plan.items()},
         "pooled_datasets": [d for d in plan if d not in RELATED_SETS],

@@ -11,7 +11,10 @@
 #   smollm2-c32: the same, 64 prompts per set with 32 in flight;
 #   qwen:        Qwen2.5-Coder-1.5B, bfloat16 (float32 runs at half its speed here; divergence
 #                from `none` is reported), 4 prompts per set at c=1, 48 new tokens.
-# About 1 h 25 min in all. The estimates are printed first (from reference rates; they assume
+# About 1 h 25 min in all. Not in the default list, for gaps smaller than this machine's
+# run-to-run noise (about 10 %): the same streams in three paired rounds (--rounds 3: fresh
+# engines each round, the order reversed every other round), `none`, lookahead and suffix only:
+#   smollm2-c8-rounds, smollm2-c32-rounds  (about 40 and 35 min). The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
 #
@@ -31,6 +34,11 @@ SMOLLM2_C1=("${SMOLLM2[@]}" --num-prompts 4 --concurrency 1 --lookahead-grid "A=
 STREAM=("${SMOLLM2[@]}" --methods none,lookahead,suffix,ngram)
 SMOLLM2_C8=("${STREAM[@]}" --num-prompts 32 --concurrency 8 --out "$OUT/smollm2-135m-k8-c8")
 SMOLLM2_C32=("${STREAM[@]}" --num-prompts 64 --concurrency 32 --out "$OUT/smollm2-135m-k8-c32")
+ROUNDS=("${SMOLLM2[@]}" --methods none,lookahead,suffix --rounds 3)
+SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
+                   --out "$OUT/smollm2-135m-k8-c8-rounds")
+SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
+                    --out "$OUT/smollm2-135m-k8-c32-rounds")
 QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 4 --max-tokens 48
       --concurrency 1 --methods none,lookahead,suffix,ngram
       --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
@@ -44,8 +52,11 @@ args_of() {
         smollm2-c1) ARGS=("${SMOLLM2_C1[@]}") ;;
         smollm2-c8) ARGS=("${SMOLLM2_C8[@]}") ;;
         smollm2-c32) ARGS=("${SMOLLM2_C32[@]}") ;;
+        smollm2-c8-rounds) ARGS=("${SMOLLM2_C8_ROUNDS[@]}") ;;
+        smollm2-c32-rounds) ARGS=("${SMOLLM2_C32_ROUNDS[@]}") ;;
         qwen) ARGS=("${QWEN[@]}") ;;
-        *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen)" >&2
+        *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen," \
+                "smollm2-c8-rounds, smollm2-c32-rounds)" >&2
            exit 2 ;;
     esac
 }

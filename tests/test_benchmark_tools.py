@@ -274,6 +274,40 @@ def test_full_batch_speedup_counts_only_the_steps_that_began_with_a_full_batch()
     assert run.summarize([lookahead], [never_full])["full_batch_speedup"] is None
 
 
+def test_rounds_pair_each_method_with_the_baseline_of_its_own_round():
+    names = [run.Method(n, None) for n in ("none", "lookahead", "suffix")]
+    assert [m.name for m in run.round_order(names, 0)] == ["none", "lookahead", "suffix"]
+    assert [m.name for m in run.round_order(names, 1)] == ["suffix", "lookahead", "none"]
+    walls = {  # round -> method -> wall seconds of each unrelated cell (related: always 1.0)
+        0: {"none": 2.0, "lookahead": 1.0, "suffix": 1.6},
+        1: {"none": 4.0, "lookahead": 5.0, "suffix": 4.0},
+    }
+    cells = [dataclasses.replace(_cell(m, d, 8, [[1, 2, 3, 4]], wall if d != "related" else 1.0),
+                                 round_index=r)
+             for r, by_method in walls.items() for m, wall in by_method.items()
+             for d in ("mtbench", "gsm8k", "related")]
+    rows = {(r["method"], r["dataset"]): r for r in run.round_speedups(cells)}
+    assert rows[("lookahead", run.ALL_DATASETS)]["speedups"] == pytest.approx([2.0, 0.8])
+    assert rows[("suffix", run.ALL_DATASETS)]["speedups"] == pytest.approx([1.25, 1.0])
+    assert rows[("lookahead", "related")]["speedups"] == pytest.approx([1.0, 1.0])
+    assert ("none", run.ALL_DATASETS) not in rows
+    # Pooled over the rounds, the tables see lookahead's 12 s against none's 12 s for the same
+    # tokens: a tie, though the rounds disagree.
+    pooled = {r["method"]: r for r in run.summaries(cells) if r["dataset"] == run.ALL_DATASETS}
+    assert pooled["lookahead"]["speedup"] == pytest.approx(1.0)
+    assert pooled["lookahead"]["prompts"] == 4
+    from benchmarks import report
+
+    text = "\n".join(report._rounds(run.round_speedups(cells)))
+    assert "| lookahead | 8 | all | 2.00 | 0.80 | **1.40** | 1/2 | 1/2 |" in text
+    assert "| suffix | 8 | all | 1.25 | 1.00 | **1.12** | 1/2 | 1/2 |" in text
+    assert run.round_speedups([c for c in cells if c.round_index == 0]) == []
+    # Partial results: round 2 has reached lookahead and suffix but not none yet.
+    partial = [c for c in cells if c.round_index == 0 or c.method != "none"]
+    assert run.round_speedups(partial) == []
+    assert run.summaries(partial) == run.summaries([c for c in cells if c.round_index == 0])
+
+
 def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch):
     names = ("gsm8k", "related")
     full = {name: datasets.load_prompts(name) for name in names}
