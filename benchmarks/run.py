@@ -551,7 +551,7 @@ def summaries(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         return [c for c in cells if c.method == method and c.concurrency == concurrency
                 and (dataset is None or c.dataset == dataset)]
 
-    cells = paired_with_baseline(cells)
+    cells = complete_rounds(cells)
     rows = []
     keys = dict.fromkeys((c.method, c.concurrency) for c in cells)
     for method, concurrency in keys:
@@ -565,18 +565,21 @@ def summaries(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_with_baseline(cells: Sequence[Cell]) -> list[Cell]:
-    """The cells of the rounds in which the baseline ran: a run cut short (or its partial
-    results, written after every method) may have a round that has not reached it yet."""
-    measured = {c.round_index for c in cells if c.method == BASELINE}
-    return [c for c in cells if c.round_index in measured]
+def complete_rounds(cells: Sequence[Cell]) -> list[Cell]:
+    """The cells of the rounds that every method has run: the partial results written after
+    each method, and a run cut short, may hold a round that has reached only some of them."""
+    methods = {c.method for c in cells}
+    ran: dict[int, set[str]] = {}
+    for c in cells:
+        ran.setdefault(c.round_index, set()).add(c.method)
+    return [c for c in cells if ran[c.round_index] == methods]
 
 
 def round_speedups(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """Per method x concurrency, pooled over the unrelated sets (and per related set): the
     speed-up over `none` in each round, each against the baseline of its own round. Empty for a
     run of one round."""
-    cells = paired_with_baseline(cells)
+    cells = complete_rounds(cells)
     rounds = sorted({c.round_index for c in cells})
     if len(rounds) < 2:
         return []
@@ -711,9 +714,6 @@ def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     eng.configure_env(args.device, args.kv_cache_gib)
-    # Imported here so that the demo, which borrows from this module, needs no matplotlib.
-    from benchmarks import report
-
     methods, skipped = select_methods(args.methods, args.lookahead_grid, args.k,
                                       suffix_depth=vllm_suffix_depth(),
                                       unavailable=unavailable_methods(args.device),
@@ -759,13 +759,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"so far, about {duration(left)} to go", flush=True)
         # Published after every method, so a run cut short keeps what it measured.
         complete = number == len(runs)
-        results = {"meta": run_meta(args, model, cfg, plan, method_info, skipped, accelerator,
-                                    complete, estimate, time.perf_counter() - run_start),
-                   "cells": summaries(cells), "rounds": round_speedups(cells)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         try:
-            report.write(results, args.out)
+            publish(args, cells, run_meta(args, model, cfg, plan, method_info, skipped,
+                                          accelerator, complete, estimate,
+                                          time.perf_counter() - run_start))
         except Exception:
             if complete:
                 raise
@@ -773,6 +770,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             logging.exception("report of the partial results failed; measuring on")
     print((args.out / "results.md").read_text())
     print(f"results in {args.out}")
+
+
+def publish(args: argparse.Namespace, cells: Sequence[Cell], meta: dict[str, Any]) -> None:
+    """results.json, results.md and the plots under --out."""
+    # Imported here so that the demo, which borrows from this module, needs no matplotlib.
+    from benchmarks import report
+
+    results = {"meta": meta, "cells": summaries(cells), "rounds": round_speedups(cells)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write(results, args.out)
 
 
 def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,

@@ -14,7 +14,8 @@
 # About 1 h 25 min in all. Not in the default list, for gaps smaller than this machine's
 # run-to-run noise (about 10 %): the same streams in three paired rounds (--rounds 3: fresh
 # engines each round, the order reversed every other round), `none`, lookahead and suffix only:
-#   smollm2-c8-rounds, smollm2-c32-rounds  (about 40 and 35 min). The estimates are printed first (from reference rates; they assume
+#   smollm2-c8-rounds, smollm2-c32-rounds  (about 21 and 30 min).
+# The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
 #
