@@ -748,8 +748,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_start = time.perf_counter()
     runs = [(r, m) for r in range(args.rounds) for m in round_order(methods, r)]
     for number, (round_index, method) in enumerate(runs, 1):
-        label = f" round {round_index + 1}/{args.rounds}," if args.rounds > 1 else ""
-        print(f"== {method.name} ({label} method run {number}/{len(runs)})", flush=True)
+        label = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
+        print(f"== {method.name} ({label}method run {number}/{len(runs)})", flush=True)
         method_cells, info = measure(method, cfg, plan, params, tokenizer, round_index)
         cells += method_cells
         method_info.append(info)
