@@ -584,13 +584,11 @@ def round_speedups(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     if len(rounds) < 2:
         return []
 
-    def rate(method: str, concurrency: int, group: str, round_index: int) -> float | None:
-        picked = [c for c in cells if c.method == method and c.concurrency == concurrency
-                  and c.round_index == round_index
-                  and (c.dataset == group if group in RELATED_SETS
-                       else c.dataset not in RELATED_SETS)]
-        wall = sum(c.batch.wall_s for c in picked)
-        return sum(c.batch.output_tokens for c in picked) / wall if wall > 0 else None
+    def picked(method: str, concurrency: int, group: str, round_index: int) -> list[Cell]:
+        return [c for c in cells if c.method == method and c.concurrency == concurrency
+                and c.round_index == round_index
+                and (c.dataset == group if group in RELATED_SETS
+                     else c.dataset not in RELATED_SETS)]
 
     groups = [ALL_DATASETS, *dict.fromkeys(c.dataset for c in cells
                                            if c.dataset in RELATED_SETS)]
@@ -599,11 +597,12 @@ def round_speedups(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         if method == BASELINE:
             continue
         for group in groups:
-            pairs = [(rate(method, concurrency, group, r), rate(BASELINE, concurrency, group, r))
-                     for r in rounds]
+            pairs = [(picked(method, concurrency, group, r),
+                      picked(BASELINE, concurrency, group, r)) for r in rounds]
             if not all(ours and base for ours, base in pairs):
                 continue
-            speedups = [ours / base for ours, base in pairs]
+            # The tables' own speed-up (summarize), one round at a time.
+            speedups = [summarize(ours, base)["speedup"] for ours, base in pairs]
             rows.append({"method": method, "concurrency": concurrency, "dataset": group,
                          "speedups": speedups, "median": float(np.median(speedups))})
     return rows
