@@ -14,7 +14,8 @@
 # About 1 h 25 min in all. Not in the default list, for gaps smaller than this machine's
 # run-to-run noise (about 10 %): the same streams in three paired rounds (--rounds 3: fresh
 # engines each round, the order reversed every other round), `none`, lookahead and suffix only:
-#   smollm2-c8-rounds, smollm2-c32-rounds  (about 21 and 30 min).
+#   smollm2-c1-rounds (one request in flight, 4 prompts per set, suffix also at its default K),
+#   smollm2-c8-rounds, smollm2-c32-rounds  (about ?, 21 and 30 min).
 # The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
@@ -36,6 +37,9 @@ STREAM=("${SMOLLM2[@]}" --methods none,lookahead,suffix,ngram)
 SMOLLM2_C8=("${STREAM[@]}" --num-prompts 32 --concurrency 8 --out "$OUT/smollm2-135m-k8-c8")
 SMOLLM2_C32=("${STREAM[@]}" --num-prompts 64 --concurrency 32 --out "$OUT/smollm2-135m-k8-c32")
 ROUNDS=("${SMOLLM2[@]}" --methods none,lookahead,suffix --rounds 3)
+SMOLLM2_C1_ROUNDS=("${SMOLLM2[@]}" --methods none,lookahead,suffix,suffix-default --rounds 3
+                   --num-prompts 4 --concurrency 1
+                   --out "$OUT/smollm2-135m-k8-c1-rounds")
 SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
                    --out "$OUT/smollm2-135m-k8-c8-rounds")
 SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
@@ -53,11 +57,12 @@ args_of() {
         smollm2-c1) ARGS=("${SMOLLM2_C1[@]}") ;;
         smollm2-c8) ARGS=("${SMOLLM2_C8[@]}") ;;
         smollm2-c32) ARGS=("${SMOLLM2_C32[@]}") ;;
+        smollm2-c1-rounds) ARGS=("${SMOLLM2_C1_ROUNDS[@]}") ;;
         smollm2-c8-rounds) ARGS=("${SMOLLM2_C8_ROUNDS[@]}") ;;
         smollm2-c32-rounds) ARGS=("${SMOLLM2_C32_ROUNDS[@]}") ;;
         qwen) ARGS=("${QWEN[@]}") ;;
         *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen," \
-                "smollm2-c8-rounds, smollm2-c32-rounds)" >&2
+                "smollm2-c1-rounds, smollm2-c8-rounds, smollm2-c32-rounds)" >&2
            exit 2 ;;
     esac
 }

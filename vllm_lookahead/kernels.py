@@ -628,6 +628,9 @@ def _key_hash(h, klen):
 # Packed so that a stored continuation costs 16 bytes at N = 4 (N-1 tokens and one link).
 HITS_MAX = 255
 MAX_NODES = (1 << 23) - 2
+"""Continuations a pool may hold. Every key holds one, so key ids stay below it too: a hash-table
+entry keeps `id + 1` in FP_SHIFT bits, beside the key's fingerprint."""
+assert MAX_NODES < MAX_TEXT
 
 
 @njit(cache=True, inline="always")
@@ -647,19 +650,20 @@ def _find_key(phash, pkeys, hbits, kw, mkl, buf, end, klen, h):
         return -1
     mask = (1 << hbits) - 1
     i = _bucket(h, hbits)
+    fp = _fingerprint(h)
     while True:
         v = phash[i]
         if v == 0:
             return -1
-        kb = (v - 1) * kw
-        if pkeys[kb + mkl + 1] >> 16 == klen:
+        kb = ((v & EMASK) - 1) * kw
+        if (v & FPMASK) == fp and pkeys[kb + mkl + 1] >> 16 == klen:
             same = True
             for m in range(klen):
                 if pkeys[kb + klen - 1 - m] != buf[end - m]:
                     same = False
                     break
             if same:
-                return v - 1
+                return (v & EMASK) - 1
         i = (i + 1) & mask
 
 
@@ -678,7 +682,8 @@ def _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen, h):
             kb = kid * kw
             kl = pkeys[kb + mkl + 1] >> 16
             _suffix_hashes(pkeys, kb + kl - 1, kl, hashes)
-            _table_insert_new(phash, 0, nbits, _key_hash(hashes[kl - 1], kl), kid + 1)
+            kh = _key_hash(hashes[kl - 1], kl)
+            _table_insert_new(phash, 0, nbits, kh, _fingerprint(kh) | (kid + 1))
         meta[s, M_HBITS] = nbits
         hbits = nbits
     if pkeys.shape[0] < (nkeys + 1) * kw:
@@ -688,7 +693,7 @@ def _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen, h):
         pkeys[kb + m] = buf[end - klen + 1 + m]
     pkeys[kb + mkl] = -1
     pkeys[kb + mkl + 1] = klen << 16
-    _table_insert_new(phash, 0, hbits, h, nkeys + 1)
+    _table_insert_new(phash, 0, hbits, h, _fingerprint(h) | (nkeys + 1))
     meta[s, M_NKEYS] = nkeys + 1
     return nkeys, phash, pkeys
 
@@ -709,6 +714,8 @@ def _pool_insert(store, meta, totals, s, tabs, phash, pkeys, nodes, buf, end, kl
     kw, nw = mkl + 2, c + 1
     kid = _find_key(phash, pkeys, meta[s, M_HBITS], kw, mkl, buf, end, klen, h)
     if kid < 0:
+        if meta[s, M_NNODES] >= MAX_NODES:
+            return phash, pkeys, nodes  # a new key would hold no continuation
         kid, phash, pkeys = _new_key(store, meta, totals, s, mkl, phash, pkeys, buf, end, klen,
                                      h)
     kb = kid * kw
@@ -730,8 +737,6 @@ def _pool_insert(store, meta, totals, s, tabs, phash, pkeys, nodes, buf, end, kl
     if count >= g or meta[s, M_NNODES] >= MAX_NODES:
         # Full: the tail (least recently refreshed) makes room.
         node = prev
-        if node < 0:
-            return phash, pkeys, nodes  # a new key in a pool at MAX_NODES: nothing to reuse
         if last_prev >= 0:
             _set_next(nodes, last_prev * nw, c, -1)
             _set_next(nodes, node * nw, c, pkeys[kb + mkl])
