@@ -15,7 +15,7 @@
 # run-to-run noise (about 10 %): the same streams in three paired rounds (--rounds 3: fresh
 # engines each round, the order reversed every other round), `none`, lookahead and suffix only:
 #   smollm2-c1-rounds (one request in flight, 4 prompts per set, suffix also at its default K),
-#   smollm2-c8-rounds, smollm2-c32-rounds  (about ?, 21 and 30 min).
+#   smollm2-c8-rounds, smollm2-c32-rounds  (about 27, 21 and 30 min).
 # The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
