@@ -541,6 +541,10 @@ def lookahead_figures(proposer: dict[str, Any], wall_s: float,
         "pool_max_per_request": max((s["pool_continuations"] / s["live_requests"] for s in live),
                                     default=None),
         "pool_samples": len(live),
+        # What the cut weighed at the cell's end: the step-cost model's fit, ms per step, per row
+        # and per verified token (None in runs too short for a sample).
+        "step_cost_fit_ms": ([round(1000 * v, 3) for v in samples[-1]["step_cost_fit"]]
+                             if samples else None),
     }
 
 

