@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.models import MODELS, cache_root, ensure_model
+from benchmarks.models import MODELS, ensure_model
 from vllm_lookahead.config import MAX_SPEC_LEN
 from vllm_lookahead.metrics import STATS_PATH_ENV
 
@@ -68,10 +68,9 @@ def accelerator_name(device: str) -> str | None:
 def resolve_model(name: str) -> Path:
     """A benchmark model by name, the tests' tiny random model (`tiny`), or a local HF folder."""
     if name == TINY_MODEL:
-        from tests.tiny_model import ensure_tiny_model
+        from benchmarks.tiny_model import tiny_model
 
-        root = os.environ.get("VLLM_LOOKAHEAD_TEST_CACHE", cache_root() / "tests")
-        return ensure_tiny_model(Path(root) / "tiny-llama")
+        return tiny_model()
     if name in MODELS:
         return ensure_model(name)
     path = Path(name)

@@ -27,11 +27,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from benchmarks.soak import tiny_model
-    from tests.conftest import make_prompts
+    from benchmarks.tiny_model import make_prompts, tiny_model
     from vllm_lookahead import vllm_compat
 
-    model = tiny_model()
+    model = str(tiny_model())
     prompts = [p for p in make_prompts(AutoTokenizer.from_pretrained(model), n=40)
                if len(p) >= 8][:args.batch]
     long_prompts = [(prompts[i % len(prompts)] * 200)[:args.max_model_len - m]

@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt
 
-from benchmarks.run import ALL_DATASETS as ALL
-from benchmarks.run import BASELINE
+from benchmarks.labels import ALL_DATASETS as ALL
+from benchmarks.labels import BASELINE
 
 SOURCES = ("candidate_prompt", "candidate_output", "candidate_trajectory", "chained", "jacobi",
            "fill")

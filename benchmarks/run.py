@@ -53,11 +53,10 @@ import numpy as np
 from benchmarks import engine as eng
 from benchmarks.datasets import PROMPT_SETS, chat_template
 from benchmarks.datasets import load_prompts as load_texts
+from benchmarks.labels import ALL_DATASETS, BASELINE
 from benchmarks.models import DEFAULT_MODEL
 from vllm_lookahead.config import MAX_SPEC_LEN, LookaheadConfig, LookaheadConfigError
 
-BASELINE = "none"
-ALL_DATASETS = "all"
 RELATED_SETS = frozenset({"related"})
 """Sets of related requests, reported on their own: `all` pools the unrelated sets only."""
 DEFAULT_K = 8

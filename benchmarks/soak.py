@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.tiny_model import tiny_model
+
 DEFAULT_SPEC = {"method": "lookahead", "num_speculative_tokens": 6}
 PHRASE_LEN = (2, 6)
 
@@ -55,16 +57,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def tiny_model() -> str:
-    """The test suite's tiny random Llama (built on first use, like the tests do)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.tiny_model import ensure_tiny_model
-
-    root = Path(os.environ.get("VLLM_LOOKAHEAD_TEST_CACHE",
-                               Path.home() / ".cache" / "vllm-lookahead" / "tests"))
-    return str(ensure_tiny_model(root / "tiny-llama"))
 
 
 # Run in every server process when --tracemalloc is given (a sitecustomize on PYTHONPATH): the
@@ -457,7 +449,7 @@ def signal_processes(server: Server, signum: int) -> None:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    model = args.model or tiny_model()
+    model = args.model or str(tiny_model())
     config = json.loads((Path(model) / "config.json").read_text())
     vocab = int(config["vocab_size"])
     spec = None if args.no_spec else json.loads(args.speculative_config)

@@ -1,6 +1,4 @@
 import os
-import random
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +8,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-from tests.tiny_model import WORDS, ensure_tiny_model
+from benchmarks.tiny_model import make_prompts
+from benchmarks.tiny_model import tiny_model as build_tiny_model
 
 MAX_MODEL_LEN = 1024
 MAX_NEW_TOKENS = 48
@@ -18,9 +17,7 @@ MAX_NEW_TOKENS = 48
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    root = Path(os.environ.get("VLLM_LOOKAHEAD_TEST_CACHE",
-                               Path.home() / ".cache" / "vllm-lookahead" / "tests"))
-    return str(ensure_tiny_model(root / "tiny-llama"))
+    return str(build_tiny_model())
 
 
 @pytest.fixture(scope="session")
@@ -28,21 +25,6 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-def make_prompts(tokenizer, n: int = 44, seed: int = 0) -> list[list[int]]:
-    """Prompts of 3 to ~300 tokens; every fourth repeats a phrase, so the model (and the pool)
-    sees repetition and drafts get accepted."""
-    rng = random.Random(seed)
-    prompts = []
-    for i in range(n):
-        if i % 4 == 0:
-            phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-            text = " ".join([phrase] * rng.randint(2, 12))
-        else:
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 3, 8, 20, 60, 150])))
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return prompts
 
 
 @pytest.fixture(scope="session")

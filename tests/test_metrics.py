@@ -185,18 +185,18 @@ def test_front_end_gives_each_engine_config_a_stats_directory(tiny_model):
 
 
 def test_only_the_engines_reporting_worker_writes(monkeypatch, tmp_path):
-    from vllm_lookahead import vllm_compat
+    from vllm_lookahead import proposer, vllm_compat
 
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(**{metrics.STATS_DIR_ATTR: str(tmp_path)}),
         parallel_config=SimpleNamespace(data_parallel_index=2, data_parallel_rank=2),
         model_config=SimpleNamespace(served_model_name="tiny"))
     monkeypatch.setenv(metrics.STATS_PATH_ENV, str(tmp_path / "all.json"))
-    writer = vllm_compat.stats_writer(config)
+    writer = proposer.stats_writer(config)
     assert writer.paths == [str(tmp_path / "all.json"), str(tmp_path / "engine-2.json")]
     assert writer.labels == {"model_name": "tiny", "engine": "2"}
     monkeypatch.setattr(vllm_compat, "is_reporting_worker", lambda: False)
-    assert not vllm_compat.stats_writer(config)
+    assert not proposer.stats_writer(config)
 
 
 def test_the_stats_path_names_each_process_its_own_file(monkeypatch, tmp_path):

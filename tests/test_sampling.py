@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.tiny_model import WORDS
 from tests.conftest import make_llm, shutdown
-from tests.tiny_model import WORDS
 from vllm_lookahead import vllm_compat
 
 SAMPLES = 600  # requests per run: per position, the sample size of each side of the test

@@ -46,7 +46,7 @@ from vllm_lookahead.reference_drafter import (
     BaseDrafter,
     LookaheadStats,
 )
-from vllm_lookahead.trajectory import RequestInfo, RequestSource, StepTrajectory
+from vllm_lookahead.trajectory import RequestInfo, Requests, RequestSource, StepTrajectory
 
 __all__ = ["LookaheadDrafter", "LookaheadStats", "RequestInfo", "RequestSource", "Source"]
 
@@ -243,8 +243,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         """Compile (or load from numba's cache) every kernel with a tiny batch, so that the
         first engine step does not wait for it. The warm-up request does not share its output:
         nothing of it may reach a real request's drafts."""
-        from vllm_lookahead.simulation import Requests
-
         requests = Requests()
         requests.add("warm-up", 3, RequestOptions(share=False))
         tokens = np.array([[1, 2, 3, 1, 2]], dtype=np.int32)

@@ -10,6 +10,7 @@ in `vllm_compat`, the only module that reads vLLM internals. Imports go one way:
 from __future__ import annotations
 
 import atexit
+import os
 import time
 import weakref
 from typing import Any
@@ -55,7 +56,7 @@ class LookaheadProposer:
         self._last_propose: float | None = None
         # Statistics export (vllm_lookahead.metrics): only the engine's reporting worker writes.
         self.chain_lengths = metrics.ChainLengths(spec.num_speculative_tokens)
-        self.stats_writer = vllm_compat.stats_writer(vllm_config)
+        self.stats_writer = stats_writer(vllm_config)
         self.stats_writer.serve_live(self.snapshot)
         if self.stats_writer:
             atexit.register(lambda: self.stats_writer.write(self.snapshot()))
@@ -121,3 +122,17 @@ def _config_for(spec: Any) -> LookaheadConfig:
     k = cfg.resolve_num_speculative_tokens(spec.num_speculative_tokens,
                                            window_given="window_size" in params)
     return cfg.with_window_for(k)
+
+
+def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
+    """The writer of this worker's statistics: files only on the engine's reporting worker."""
+    if not vllm_compat.is_reporting_worker():
+        return metrics.StatsWriter([], {})
+    index = vllm_compat.engine_index(vllm_config)
+    stats_dir = getattr(vllm_config.speculative_config, metrics.STATS_DIR_ATTR, None)
+    paths = [metrics.user_stats_path(os.environ.get(metrics.STATS_PATH_ENV, ""))]
+    if stats_dir:
+        paths.append(metrics.engine_file(stats_dir, index))
+    labels = {"model_name": str(vllm_config.model_config.served_model_name),
+              "engine": str(index)}
+    return metrics.StatsWriter(paths, labels)

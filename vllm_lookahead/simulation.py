@@ -12,42 +12,10 @@ from typing import Any
 import numpy as np
 
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
-from vllm_lookahead.drafter import LookaheadDrafter, RequestInfo
-from vllm_lookahead.trajectory import StepTrajectory
+from vllm_lookahead.drafter import LookaheadDrafter
+from vllm_lookahead.trajectory import Requests, StepTrajectory
 
 NextToken = Callable[[Sequence[int]], int]
-
-
-class Requests:
-    """The engine's live requests, as the drafter asks for them (`RequestSource`)."""
-
-    def __init__(self, reports_removals: bool = False) -> None:
-        self.reports_removals = reports_removals
-        self._infos: dict[str, RequestInfo] = {}
-        self.computed: dict[str, int] = {}
-        """Tokens computed before this step, of requests still in their prefill."""
-
-    def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
-            prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
-            stop_token_ids: frozenset[int] = frozenset(),
-            max_new_tokens: int | None = None) -> None:
-        mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
-        self._infos[rid] = RequestInfo(object(), prompt_len, stop_token_ids,
-                                       options or RequestOptions(), greedy, mask, max_new_tokens)
-
-    def remove(self, rid: str) -> None:
-        del self._infos[rid]
-        self.computed.pop(rid, None)
-
-    def owner(self, rid: str) -> object | None:
-        info = self._infos.get(rid)
-        return None if info is None else info.owner
-
-    def info(self, row: int, rid: str) -> RequestInfo:
-        return self._infos[rid]
-
-    def prefilled(self, rid: str) -> int:
-        return self.computed.get(rid, 0)
 
 
 class SimulatedEngine:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead import metrics
 from vllm_lookahead.config import LookaheadConfigError, RequestOptions
 from vllm_lookahead.log import get_logger
 from vllm_lookahead.trajectory import RequestInfo, StepTrajectory
@@ -396,20 +395,6 @@ def worker_stats(worker: Any) -> dict[str, Any] | None:
     if not _is_lookahead(drafter):
         return None
     return drafter.snapshot()
-
-
-def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
-    """The writer of this worker's statistics: files only on the engine's reporting worker."""
-    if not is_reporting_worker():
-        return metrics.StatsWriter([], {})
-    index = engine_index(vllm_config)
-    stats_dir = getattr(vllm_config.speculative_config, metrics.STATS_DIR_ATTR, None)
-    paths = [metrics.user_stats_path(os.environ.get(metrics.STATS_PATH_ENV, ""))]
-    if stats_dir:
-        paths.append(metrics.engine_file(stats_dir, index))
-    labels = {"model_name": str(vllm_config.model_config.served_model_name),
-              "engine": str(index)}
-    return metrics.StatsWriter(paths, labels)
 
 
 def is_reporting_worker() -> bool:

@@ -1,4 +1,5 @@
-"""A tiny random Llama model and a locally trained tokenizer, built offline for the tests.
+"""A tiny random Llama model and a locally trained tokenizer, built offline: the tests' model,
+and the benchmarks' that need no real one (the server soak, the near-limit check, `--model tiny`).
 
 head_dim is 64 because vLLM's CPU attention rejects smaller heads. The output head is scaled up so
 that logits are well separated: exactness tests compare greedy outputs token by token, and a model
@@ -8,8 +9,11 @@ whose top logits nearly tie would flip on float rounding alone.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
+
+from benchmarks.models import cache_root
 
 VOCAB_SIZE = 512
 WORDS = (
@@ -73,3 +77,25 @@ def ensure_tiny_model(root: Path) -> Path:
     build_model(root)
     marker.write_text(json.dumps({"vocab_size": VOCAB_SIZE}))
     return root
+
+
+def tiny_model() -> Path:
+    """The tiny model in its cache (`VLLM_LOOKAHEAD_TEST_CACHE`, else the package cache's
+    `tests`), built on first use."""
+    cache = os.environ.get("VLLM_LOOKAHEAD_TEST_CACHE")
+    return ensure_tiny_model((Path(cache) if cache else cache_root() / "tests") / "tiny-llama")
+
+
+def make_prompts(tokenizer, n: int = 44, seed: int = 0) -> list[list[int]]:
+    """Prompts of 3 to ~300 tokens; every fourth repeats a phrase, so the model (and the pool)
+    sees repetition and drafts get accepted."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        if i % 4 == 0:
+            phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+            text = " ".join([phrase] * rng.randint(2, 12))
+        else:
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 3, 8, 20, 60, 150])))
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
