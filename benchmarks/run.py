@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from benchmarks import engine as eng
-from benchmarks.datasets import PROMPT_SETS, chat_template
+from benchmarks.datasets import DEFAULT_SETS, EXTRA_SETS, PROMPT_SETS, Prompt, chat_template
 from benchmarks.datasets import load_prompts as load_texts
 from benchmarks.labels import ALL_DATASETS, BASELINE
 from benchmarks.models import DEFAULT_MODEL
@@ -69,7 +69,7 @@ SUFFIX_NO_GLOBAL_CACHE = {"suffix_decoding_max_cached_requests": 0}
 LOOKAHEAD_SHARING = "shared_pool_tokens"
 """Lookahead's cross-request corpus, turned off (0) with --reuse-prompts where the plugin has it."""
 DEFAULT_METHODS = f"{BASELINE},ngram,suffix,{SUFFIX_DEFAULT_ALIAS},lookahead,ngram_gpu"
-DEFAULT_DATASETS = ",".join(PROMPT_SETS)
+DEFAULT_DATASETS = ",".join(DEFAULT_SETS)
 GRID_KEYS = {"N": "ngram_size", "W": "window_size", "G": "guess_set_size", "A": "adaptive",
              "S": "shared_pool_tokens"}
 QUICK = {"model": eng.TINY_MODEL, "datasets": "mtbench,related", "num_prompts": "2",
@@ -310,8 +310,8 @@ def prompts_needed(sizes: Mapping[int, int], reuse: bool = False) -> int:
 
 
 def plan_prompts(datasets: Sequence[str], sizes: Mapping[int, int], reuse: bool = False,
-                 load: Callable[[str, int], list[str]] = load_texts
-                 ) -> dict[str, dict[int, list[str]]]:
+                 load: Callable[[str, int], list[Prompt]] = load_texts
+                 ) -> dict[str, dict[int, list[Prompt]]]:
     """Per dataset and concurrency, the user messages its cell sends."""
     unknown = sorted(set(datasets) - set(PROMPT_SETS))
     if unknown or not datasets:
@@ -344,7 +344,7 @@ def repeated_prompts(plan: Mapping[str, Mapping[int, Sequence[T]]]) -> list[T]:
     return repeated
 
 
-def tokenize_plan(plan: Mapping[str, Mapping[int, Sequence[str]]], tokenizer: Any
+def tokenize_plan(plan: Mapping[str, Mapping[int, Sequence[Prompt]]], tokenizer: Any
                   ) -> dict[str, dict[int, list[list[int]]]]:
     return {name: {c: chat_template(tokenizer, texts) for c, texts in by_c.items()}
             for name, by_c in plan.items()}
@@ -622,7 +622,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a benchmark model, '{eng.TINY_MODEL}' or a Hugging Face folder "
                              "(%(default)s)")
-    parser.add_argument("--datasets", default=DEFAULT_DATASETS, help="(%(default)s)")
+    parser.add_argument("--datasets", default=DEFAULT_DATASETS,
+                        help="(%(default)s); also, only when named: "
+                             f"{','.join(EXTRA_SETS)}, kinds that rework text the prompt holds")
     parser.add_argument("--num-prompts", default="4",
                         help="prompts per set in each cell: N is at least N, raised to c at "
                              "concurrency c; or per concurrency, e.g. 1:4,8:16,32:32. Each "

@@ -170,6 +170,38 @@ def test_the_related_set_is_deterministic_and_shares_no_prompt_with_the_others()
         {q.split("\n\n", 1)[1][:25] for q in related}
 
 
+def test_extra_sets_run_only_when_named_and_share_no_source_text_with_the_first_cells():
+    assert not set(run.DEFAULT_DATASETS.split(",")) & set(datasets.EXTRA_SETS)
+    loaded = {name: datasets.load_prompts(name) for name in datasets.EXTRA_SETS}
+    for name, prompts in loaded.items():
+        assert len(set(prompts)) == len(prompts) == datasets.EXTRA_SETS[name].count
+    # Each rewrites a source the default sets also read, from its other end or other articles.
+    first_functions = {p.split("```python\n")[1].split("\n")[0]
+                       for p in datasets.load_prompts("humaneval", 44)}
+    assert not first_functions & {p.split("```python\n")[1].split("\n")[0]
+                                  for p in loaded["code-edit"][:44]}
+    articles = [{p.split("\n\n", 1)[1] for p in datasets.load_prompts(name)}
+                for name in ("summarization", "extract", "bullets")]
+    assert len(set.union(*articles)) == sum(map(len, articles)) == 293
+    assert all([role for role, _ in c] == ["user", "assistant", "user"]
+               for c in loaded["followup"])
+
+
+def test_a_conversation_is_templated_with_its_history():
+    from transformers import AutoTokenizer
+
+    from benchmarks.tiny_model import tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model())
+    conversation = (("user", "What is two plus two?"), ("assistant", "Four, since 2 + 2 = 4."),
+                    ("user", "And times three?"))
+    [ids] = datasets.chat_template(tokenizer, [conversation])
+    text = tokenizer.decode(ids)
+    assert [text.index(content) for _, content in conversation] == sorted(
+        text.index(content) for _, content in conversation)
+    assert datasets.chat_template(tokenizer, ["And times three?"])[0] != ids
+
+
 def test_default_methods_draft_at_equal_k_with_suffix_also_at_its_own_default():
     methods, skipped = run.select_methods(run.DEFAULT_METHODS, "", 8,
                                           unavailable={"ngram_gpu": "CUDA only"})
@@ -310,8 +342,8 @@ def test_rounds_pair_each_method_with_the_baseline_of_its_own_round():
         assert run.summaries(partial) == run.summaries(first)
 
 
-def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch):
-    names = ("gsm8k", "related")
+@pytest.mark.parametrize("names", [("gsm8k", "related"), ("mtbench", "followup")])
+def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch, names):
     full = {name: datasets.load_prompts(name) for name in names}
     datasets.write_slim_cache(tmp_path, names)
     monkeypatch.setenv("VLLM_LOOKAHEAD_CACHE", str(tmp_path))
