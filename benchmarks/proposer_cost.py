@@ -47,7 +47,8 @@ from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.drafter import LookaheadDrafter
 from vllm_lookahead.jacobi_window import splitmix64
 from vllm_lookahead.reference_drafter import ReferenceDrafter
-from vllm_lookahead.simulation import Requests, SimulatedEngine
+from vllm_lookahead.simulation import SimulatedEngine
+from vllm_lookahead.trajectory import Requests
 
 VOCAB = 2000
 K = 7

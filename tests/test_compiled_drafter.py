@@ -198,7 +198,7 @@ def test_identical_chains_in_a_batch_that_keeps_its_order_while_every_array_grow
 def test_rows_that_keep_their_order_after_a_discarded_sample_or_a_reused_id():
     """The same rows again reuse the last step's slots, unless a row sampled nothing in between
     (vLLM discarded it) or its id now names a new request: both must draft as the reference."""
-    from vllm_lookahead.simulation import Requests
+    from vllm_lookahead.trajectory import Requests
 
     twin = Twin(LookaheadConfig(), 7, 64, False)
     requests = Requests(reports_removals=True)

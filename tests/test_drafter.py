@@ -11,7 +11,8 @@ import pytest
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.drafter import LookaheadDrafter, Source
 from vllm_lookahead.reference_drafter import ReferenceDrafter
-from vllm_lookahead.simulation import Requests, SimulatedEngine
+from vllm_lookahead.simulation import SimulatedEngine
+from vllm_lookahead.trajectory import Requests
 
 VOCAB = 37
 MAX_LEN = 256
