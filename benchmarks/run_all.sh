@@ -16,8 +16,8 @@
 # engines each round, the order reversed every other round), `none`, lookahead and suffix only:
 #   smollm2-c1-rounds (one request in flight, 4 prompts per set, suffix also at its default K),
 #   smollm2-c8-rounds, smollm2-c32-rounds  (about 27, 21 and 30 min);
-#   qwen-c8 (Qwen bf16, 16 prompts per set, 8 in flight, 48 new tokens, the methods at equal K;
-#   about 18 min); smollm2-extra (the four held-out-like kinds that rework the prompt's text,
+#   qwen-c8 and qwen-c32 (Qwen bf16, 16 prompts per set with 8 in flight and 32 with 32, 48 new
+#   tokens, the methods at equal K; about 21 and 30 min); smollm2-extra (the four held-out-like kinds that rework the prompt's text,
 #   code-edit, extract, bullets, followup: c=1, 6 prompts each, two paired rounds, every method
 #   and the fixed chain; about 19 min).
 # The estimates are printed first (from reference rates; they assume
@@ -54,6 +54,9 @@ QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 4 --max-tokens 4
 QWEN_C8=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 16 --max-tokens 48
          --concurrency 8 --methods none,lookahead,suffix,ngram
          --out "$OUT/qwen2.5-coder-1.5b-bf16-k8-c8")
+QWEN_C32=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 32 --max-tokens 48
+          --concurrency 32 --methods none,lookahead,suffix,ngram
+          --out "$OUT/qwen2.5-coder-1.5b-bf16-k8-c32")
 SMOLLM2_EXTRA=("${SMOLLM2[@]}" --datasets code-edit,extract,bullets,followup --num-prompts 6
                --concurrency 1 --methods none,ngram,suffix,suffix-default,lookahead
                --lookahead-grid A=0 --rounds 2 --out "$OUT/smollm2-135m-k8-c1-extra-kinds")
@@ -72,10 +75,11 @@ args_of() {
         smollm2-c32-rounds) ARGS=("${SMOLLM2_C32_ROUNDS[@]}") ;;
         qwen) ARGS=("${QWEN[@]}") ;;
         qwen-c8) ARGS=("${QWEN_C8[@]}") ;;
+        qwen-c32) ARGS=("${QWEN_C32[@]}") ;;
         smollm2-extra) ARGS=("${SMOLLM2_EXTRA[@]}") ;;
         *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen," \
                 "smollm2-c1-rounds, smollm2-c8-rounds, smollm2-c32-rounds, qwen-c8," \
-                "smollm2-extra)" >&2
+                "qwen-c32, smollm2-extra)" >&2
            exit 2 ;;
     esac
 }
