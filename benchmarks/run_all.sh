@@ -17,9 +17,9 @@
 #   smollm2-c1-rounds (one request in flight, 4 prompts per set, suffix also at its default K),
 #   smollm2-c8-rounds, smollm2-c32-rounds  (about 27, 21 and 30 min);
 #   qwen-c8 and qwen-c32 (Qwen bf16, 16 prompts per set with 8 in flight and 32 with 32, 48 new
-#   tokens, the methods at equal K; about 21 and 30 min); smollm2-extra (the four held-out-like kinds that rework the prompt's text,
-#   code-edit, extract, bullets, followup: c=1, 6 prompts each, two paired rounds, every method
-#   and the fixed chain; about 19 min).
+#   tokens, the methods at equal K; about 21 and 36 min); smollm2-extra (the four held-out-like
+#   kinds that rework the prompt's text, code-edit, extract, bullets, followup: c=1, 6 prompts
+#   each, two paired rounds, every method and the fixed chain; about 19 min).
 # The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
@@ -48,14 +48,12 @@ SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
                    --out "$OUT/smollm2-135m-k8-c8-rounds")
 SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
                     --out "$OUT/smollm2-135m-k8-c32-rounds")
-QWEN=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 4 --max-tokens 48
-      --concurrency 1 --methods none,lookahead,suffix,ngram
-      --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
-QWEN_C8=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 16 --max-tokens 48
-         --concurrency 8 --methods none,lookahead,suffix,ngram
+QWEN_MODEL=(--model qwen2.5-coder-1.5b --dtype bfloat16 --max-tokens 48
+            --methods none,lookahead,suffix,ngram)
+QWEN=("${QWEN_MODEL[@]}" --num-prompts 4 --concurrency 1 --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
+QWEN_C8=("${QWEN_MODEL[@]}" --num-prompts 16 --concurrency 8
          --out "$OUT/qwen2.5-coder-1.5b-bf16-k8-c8")
-QWEN_C32=(--model qwen2.5-coder-1.5b --dtype bfloat16 --num-prompts 32 --max-tokens 48
-          --concurrency 32 --methods none,lookahead,suffix,ngram
+QWEN_C32=("${QWEN_MODEL[@]}" --num-prompts 32 --concurrency 32
           --out "$OUT/qwen2.5-coder-1.5b-bf16-k8-c32")
 SMOLLM2_EXTRA=("${SMOLLM2[@]}" --datasets code-edit,extract,bullets,followup --num-prompts 6
                --concurrency 1 --methods none,ngram,suffix,suffix-default,lookahead
