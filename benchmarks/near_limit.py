@@ -3,7 +3,7 @@
 vLLM 0.32 runs the proposer only while the batch's longest sequence plus K fits in
 max_model_len; past that, for the whole batch, it skips the proposer and schedules K zero tokens
 per request as drafts (verified and rejected). vllm-lookahead lifts that batch-wide gate
-(`vllm_compat.lift_batch_length_gate`): its chains stop at max_model_len per request. This runs the
+(`runner_hooks.lift_batch_length_gate`): its chains stop at max_model_len per request. This runs the
 same batch (the tiny test model, greedy, float32, engine in-process) with and without requests that
 run into max_model_len, with the gate lifted (as shipped) and with vLLM's gate, and prints engine
 steps, tokens per step, zero drafts verified and the time.
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from vllm import LLM, SamplingParams
 
     from benchmarks.tiny_model import make_prompts, tiny_model
-    from vllm_lookahead import vllm_compat
+    from vllm_lookahead import runner_hooks
 
     model = str(tiny_model())
     prompts = [p for p in make_prompts(AutoTokenizer.from_pretrained(model), n=40)
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
               # the earlier cells' outputs would make every later cell faster.
               speculative_config={"method": "lookahead", "num_speculative_tokens": args.k,
                                   "lookahead": {"shared_pool_tokens": 0}})
-    lift = vllm_compat.lift_batch_length_gate
+    lift = runner_hooks.lift_batch_length_gate
     (runner,) = llm.collective_rpc(_runner)
     results = []
     try:
@@ -50,13 +50,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         _measure(llm, runner, prompts + long_prompts, args, SamplingParams)
         for near in (False, True):
             for gate in ("vllm", "lifted"):
-                vllm_compat.lift_batch_length_gate = lift if gate == "lifted" else _keep_vllm_gate
+                runner_hooks.lift_batch_length_gate = lift if gate == "lifted" else _keep_vllm_gate
                 runner.effective_drafter_max_model_len = args.max_model_len
                 batch = prompts + (long_prompts if near else [])
                 results.append(_measure(llm, runner, batch, args, SamplingParams) |
                                {"gate": gate, "near_limit_requests": len(batch) - len(prompts)})
     finally:
-        vllm_compat.lift_batch_length_gate = lift
+        runner_hooks.lift_batch_length_gate = lift
     return results
 
 

@@ -24,7 +24,7 @@ the last step's slots when the rows come in the same order. `--keep-order` keeps
 vLLM's persistent batch does while no request arrives or leaves.
 
 With `--breakdown` the compiled drafter's time is split into its one kernel call per step
-(`kernels.step`: sync, compose and cut of the whole batch) and the Python around it (request ids to
+(`step.step`: sync, compose and cut of the whole batch) and the Python around it (request ids to
 slots, trajectory arrays, the output lists); the extra timer adds a little to the total.
 """
 
@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead import kernels
+from vllm_lookahead import context_index, step
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.drafter import LookaheadDrafter
-from vllm_lookahead.jacobi_window import splitmix64
-from vllm_lookahead.reference_drafter import ReferenceDrafter
+from vllm_lookahead.reference.drafter import ReferenceDrafter
+from vllm_lookahead.reference.jacobi_window import splitmix64
 from vllm_lookahead.simulation import SimulatedEngine
 from vllm_lookahead.trajectory import Requests
 
@@ -132,7 +132,7 @@ class Result:
     ngram_spent: float | None = None
     """vLLM's NgramProposer.propose on the same inputs, same steps."""
     kernel_spent: float | None = None
-    """Of `spent`, seconds inside `kernels.step` (with --breakdown)."""
+    """Of `spent`, seconds inside `step.step` (with --breakdown)."""
 
     @property
     def us_per_request_step(self) -> float:
@@ -185,7 +185,7 @@ def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled
     digest = hashlib.sha256()
     timed = {"spent": 0.0, "steps": 0, "ngram": 0.0, "calls": 0, "drafted": 0, "kernel": 0.0,
              "kernel_now": 0.0}
-    kernel_step = kernels.step
+    kernel_step = step.step
 
     def timed_kernel(*args: Any) -> Any:
         started = CLOCK()
@@ -220,11 +220,11 @@ def run(batch: int, tokens: int, prompt_len: int = 300, drafter: str = "compiled
         return chains
 
     engine.drafter.draft_batch = timed_call  # type: ignore[method-assign]
-    kernels.step = timed_kernel if breakdown else kernel_step
+    step.step = timed_kernel if breakdown else kernel_step
     try:
         engine.run(tokens)
     finally:
-        kernels.step = kernel_step
+        step.step = kernel_step
     kernel = timed["kernel"] if breakdown and drafter == "compiled" else None
     return Result(drafter, batch, timed["spent"], timed["steps"],
                   engine.drafter.stats.accepted_tokens, digest.hexdigest()[:16],
@@ -239,11 +239,12 @@ def memory(drafter: Any) -> tuple[int, int, int, int]:
         return (sum(len(s.pool) for s in states), sum(s.pool.nbytes() for s in states),
                 sum(len(s.text) for s in states), sum(s.text.nbytes() for s in states))
     slots = [h.slot for h in drafter.states.values()]
-    meta = drafter._meta
-    return (int(meta[slots, kernels.M_NCONT].sum()),
-            sum(drafter._pool_bytes(s) for s in slots),
-            int(meta[slots, kernels.M_TEXT_LEN].sum()),
-            sum(drafter._region_bytes(s, (kernels.R_INDEX,)) for s in slots))
+    state = drafter._state
+    indexes = [step.request_index(state, s) for s in slots]
+    return (step.pool_sizes(state, np.array(slots, dtype=np.int64))[1],
+            sum(step.pool_bytes(state, s) for s in slots),
+            sum(context_index.length_of(i) for i in indexes),
+            sum(context_index.table_nbytes(i) for i in indexes))
 
 
 PREFILL_CHUNKS = (4096, 16384)

@@ -1,5 +1,5 @@
 """What an engine step costs on this machine, by rows in the batch and draft tokens verified: the
-data behind the drafter's step-cost prior (`reference_drafter.CPU_STEP_COST_PRIOR`).
+data behind the drafter's step-cost prior (`step_cost.CPU_STEP_COST_PRIOR`).
 
 For each K, one engine (its own process) decodes batches of 1, 8 and 32 requests with lookahead's
 fixed chain (`adaptive: false`: every request drafts up to K tokens a step; K = 0 is no

@@ -9,7 +9,7 @@ _rebind_kernels`) calls `vars(value).get("kernel")` on llvmlite's library wrappe
 
 The engine core runs in this process here, so the worker sees this script's `import numba`; with
 vllm-lookahead installed (VLLM_PLUGINS unset) the plugin makes the wrapper refuse special names
-(`vllm_compat.make_llvmlite_scan_safe`) and the same script prints `TOKENS 8`."""
+(`cpu_workarounds.make_llvmlite_scan_safe`) and the same script prints `TOKENS 8`."""
 
 import sys
 

@@ -64,7 +64,7 @@ EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
 # ------------------------------------------------------------------------------------------------
-# The fix, applied by monkeypatching. vllm-lookahead's repair (vllm_lookahead.vllm_compat.
+# The fix, applied by monkeypatching. vllm-lookahead's repair (vllm_lookahead.cpu_workarounds.
 # expand_kernel_cpu) is the same function; it is copied here rather than imported because importing
 # it loads the vllm_lookahead package, and this reproduction must show the bug with no plugin.
 # ------------------------------------------------------------------------------------------------

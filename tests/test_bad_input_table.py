@@ -33,7 +33,7 @@ def matches(documented: str, actual: str) -> bool:
 
 
 def engine_error(given: str, monkeypatch) -> str:
-    from vllm_lookahead import plugin, proposer, vllm_compat
+    from vllm_lookahead import plugin, proposer, vllm_boundary
 
     kind, _, rest = given.partition("=") if given.startswith(
         ("speculative_config", "async_scheduling")) else given.partition(" ")
@@ -51,8 +51,8 @@ def engine_error(given: str, monkeypatch) -> str:
             import vllm
 
             monkeypatch.setattr(vllm, "__version__", rest)
-            monkeypatch.delenv(vllm_compat.ALLOW_UNTESTED_ENV, raising=False)
-            vllm_compat.check_vllm_version()
+            monkeypatch.delenv(vllm_boundary.ALLOW_UNTESTED_ENV, raising=False)
+            vllm_boundary.require(vllm_boundary.Side.FRONT_END)
         elif kind == "async_scheduling":
             proposer.LookaheadProposer(fake_vllm_config(async_scheduling=rest == "True"))
         else:
@@ -64,7 +64,8 @@ def engine_error(given: str, monkeypatch) -> str:
 
 def fake_vllm_config(async_scheduling: bool):
     return SimpleNamespace(
-        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling,
+                                         max_num_batched_tokens=4096),
         speculative_config=SimpleNamespace(num_speculative_tokens=7, lookahead_params={}),
         model_config=SimpleNamespace(max_model_len=512, served_model_name="m"),
         device_config=SimpleNamespace(device_type="cpu"),
@@ -98,9 +99,9 @@ def test_every_parameter_and_option_has_a_row():
 
 
 def test_a_sound_proposer_config_passes_the_scheduling_check():
-    from vllm_lookahead import vllm_compat
+    from vllm_lookahead import engine_requests
 
-    vllm_compat.check_synchronous_scheduling(fake_vllm_config(async_scheduling=False))
+    engine_requests.check_synchronous_scheduling(fake_vllm_config(async_scheduling=False))
 
 
 def test_vllm_itself_refuses_async_scheduling_with_lookahead(tiny_model):

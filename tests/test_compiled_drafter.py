@@ -1,8 +1,8 @@
 """The compiled drafter against the reference: the same random traffic through the simulated engine
 drives both (`Twin` hands every call to each), and every step's chains must be identical, as must
 the statistics. Traffic: arrivals and finishes, rollbacks, skipped proposals, chains the scheduler
-cut short, per-request options and namespaces, prompt masks, stop tokens, greedy and sampled
-requests, adaptive chains with deterministic step times."""
+cut short, per-request options and namespaces, prompt masks, stop tokens, greedy, sampled and
+seeded requests, adaptive chains with deterministic step times."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_lookahead import kernels
+from vllm_lookahead import context_index, step
 from vllm_lookahead.config import (
     MAX_SHARED_TOKENS,
     LookaheadConfig,
@@ -22,7 +22,7 @@ from vllm_lookahead.config import (
     RequestOptions,
 )
 from vllm_lookahead.drafter import LookaheadDrafter
-from vllm_lookahead.reference_drafter import ReferenceDrafter
+from vllm_lookahead.reference.drafter import ReferenceDrafter
 from vllm_lookahead.simulation import SimulatedEngine
 
 VOCAB = 24
@@ -49,7 +49,8 @@ class Twin:
         got = self.new.draft_batch(req_ids, sampled, num_tokens, token_ids, trajectory,
                                    requests, seconds)
         assert got == want, f"call {self.calls}: chains differ"
-        assert self.new.stats.as_dict() == self.ref.stats.as_dict()
+        assert self.new.stats.step_counts() == self.ref.stats.step_counts()
+        assert self.new.stats.steps == self.ref.stats.steps
         return got
 
     def remove(self, req_id):
@@ -96,7 +97,8 @@ def add_request(eng, rng):
     stops = frozenset(rng.sample(range(VOCAB), 2)) if rng.random() < 0.3 else frozenset()
     max_new_tokens = rng.choice([None, rng.randint(1, 120)])
     return eng.add(prompt, random_options(rng), mask, greedy=rng.random() < 0.7,
-                   stop_token_ids=stops, max_new_tokens=max_new_tokens)
+                   stop_token_ids=stops, max_new_tokens=max_new_tokens,
+                   seeded=rng.random() < 0.2)
 
 
 def drive(seed, cfg, k, adaptive, steps=60, prefill_chunk=None):
@@ -178,20 +180,20 @@ def test_identical_chains_in_a_batch_that_keeps_its_order_while_every_array_grow
     eng = SimulatedEngine(cfg, 7, [], toy_model(7), seed=7, adaptive=True, max_len=160,
                           drafter=Twin, shuffle_rows=False)
     first = eng.drafter.new
-    sizes = first._slots_cap, first._batch_cap, len(first._nsmap)
+    sizes = first._num_slots, first._buffers.rows, len(first._namespaces)
     live, reused = [], 0
-    for step in range(70):
-        if step % 3 == 0 and len(live) < 40:
+    for round_ in range(70):
+        if round_ % 3 == 0 and len(live) < 40:
             live += [eng.add([rng.randrange(VOCAB) for _ in range(rng.randint(2, 30))],
                              RequestOptions(namespace=f"ns{len(eng.tokens) % 12}"))
                      for _ in range(4)]
-        if step % 7 == 6:
+        if round_ % 7 == 6:
             eng.finish(live.pop(rng.randrange(len(live))))
         live = [r for r in live if len(eng.tokens[r]) < eng.max_len - 2]
         eng.step(live)
         reused += first._steady_rows is not None
-    assert first._slots_cap > sizes[0] and first._batch_cap > sizes[1]
-    assert len(first._nsmap) > sizes[2]
+    assert first._num_slots > sizes[0] and first._buffers.rows > sizes[1]
+    assert len(first._namespaces) > sizes[2]
     assert reused > 20 and first.stats.accepted_tokens > 0
 
 
@@ -270,7 +272,7 @@ def test_the_memory_budget_holds_through_a_soak():
     eng = SimulatedEngine(cfg, 7, [], toy_model(2), max_len=6000)
     rng = random.Random(0)
     live = []
-    for step in range(120):
+    for round_ in range(120):
         if len(live) < 6 and rng.random() < 0.3:
             live.append(eng.add([rng.randrange(1000) for _ in range(rng.randint(100, 4000))],
                                 random_options(rng)))
@@ -281,25 +283,30 @@ def test_the_memory_budget_holds_through_a_soak():
         if live:
             eng.step(list(live))
         drafter = eng.drafter
-        assert drafter.nbytes() <= budget, step
+        assert drafter.nbytes() <= budget, round_
     snapshot = drafter.snapshot()
     assert snapshot["memory_evictions"] > 0
     assert 0 < snapshot["pool_bytes"] <= snapshot["memory_budget_bytes"] == budget
-    held = sum(a.nbytes for a in drafter._store)
-    assert held == drafter._counters[kernels.T_TOTAL]
+    assert step.held_bytes(drafter._state) == drafter._memory[0]
 
 
 def test_the_compiled_cost_model_fits_bit_for_bit_alike():
-    from vllm_lookahead.estimator import CostModel
-    from vllm_lookahead.kernels import cost_observe_compiled
+    from numba import njit
 
-    plain, compiled = CostModel((0.04, 0.008, 0.003)), CostModel((0.04, 0.008, 0.003))
+    from vllm_lookahead import step_cost
+
+    @njit
+    def cost_observe_compiled(cells, rows, tokens, seconds):
+        step_cost.observe(cells[0], rows, tokens, seconds)
+
+    plain = step_cost.CostModel((0.04, 0.008, 0.003))
+    compiled = step_cost.CostModel((0.04, 0.008, 0.003))
     rng = random.Random(3)
     for _ in range(500):
         rows = rng.randint(1, 64)
         args = (float(rows), float(rows + rng.randint(0, 7 * rows)), rng.uniform(0.01, 0.5))
         plain.observe(*args)
-        cost_observe_compiled(compiled.state, *args)
+        cost_observe_compiled(compiled.cells, *args)
         assert plain.theta.tolist() == compiled.theta.tolist()
     assert plain.observations == compiled.observations > 400
 
@@ -308,17 +315,15 @@ def test_the_compiled_cost_model_fits_bit_for_bit_alike():
 @given(seed=st.integers(0, 2**16), vocab=st.integers(2, 6), chunk=st.integers(1, 40))
 def test_the_text_index_matches_the_reference_whether_built_in_bulk_or_step_by_step(
         seed, vocab, chunk):
-    from vllm_lookahead import kernels as kn
-    from vllm_lookahead.context_index import ContextIndex
+    from vllm_lookahead.reference.context_index import ContextIndex
 
     rng = random.Random(seed)
     text = [rng.randrange(vocab) if rng.random() > 0.02 else -1 for _ in range(700)]
-    d = LookaheadDrafter(LookaheadConfig(), 7, 1024)
-    bulk, steps = d._new_slot(1), d._new_slot(1)
-    kn.extend_text(d._store, d._meta, d._counters, bulk, np.array(text, np.int32), d._tabs)
+    memory = np.zeros(1, dtype=np.int64)
+    bulk, steps = context_index.new_text_index(memory), context_index.new_text_index(memory)
+    context_index.extend(bulk, np.array(text, np.int32))
     for i in range(0, len(text), chunk):
-        kn.extend_text(d._store, d._meta, d._counters, steps,
-                       np.array(text[i:i + chunk], np.int32), d._tabs)
+        context_index.extend(steps, np.array(text[i:i + chunk], np.int32))
     reference = ContextIndex()
     reference.extend(text)
     for _ in range(50):
@@ -329,16 +334,17 @@ def test_the_text_index_matches_the_reference_whether_built_in_bulk_or_step_by_s
         want = reference.match(ctx)
         want = (0, -1, 0) if want is None else (want.length, want.end, int(want.consistent))
         array = np.array(ctx, dtype=np.int64)
-        for slot in (bulk, steps):
-            assert kn.match_context(d._store, d._meta, slot, array, d._tabs) == want
+        for index in (bulk, steps):
+            assert context_index.longest_match(index, array) == want
 
 
 def test_every_text_fits_what_an_index_entry_addresses():
     # A namespace's text: what it retains, a quarter more before a rebuild, one more sequence.
-    assert MAX_SHARED_TOKENS + MAX_SHARED_TOKENS // 4 + MAX_SHARED_TOKENS + 2 < kernels.MAX_TEXT
-    LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 9)
+    assert MAX_SHARED_TOKENS + MAX_SHARED_TOKENS // 4 + MAX_SHARED_TOKENS + 2 < \
+        context_index.MAX_TEXT
+    LookaheadDrafter(LookaheadConfig(), 8, context_index.MAX_TEXT - 9)
     with pytest.raises(LookaheadConfigError, match="smaller --max-model-len"):
-        LookaheadDrafter(LookaheadConfig(), 8, kernels.MAX_TEXT - 8)
+        LookaheadDrafter(LookaheadConfig(), 8, context_index.MAX_TEXT - 8)
 
 
 FILLED_PROMPT_LEN = 3 * 4096 // 5 - 1
@@ -357,13 +363,12 @@ def test_an_index_sized_for_the_output_is_not_rebuilt_while_the_request_decodes(
     eng = SimulatedEngine(LookaheadConfig(), 7, [], toy_model(1), max_len=prompt_len + 100)
     rid = eng.add(list(range(100, 100 + prompt_len)), max_new_tokens=max_new_tokens)
     eng.step([rid])
-    drafter, slot = eng.drafter, eng.drafter.states[rid].slot
-    orders = slice(kernels.M_TBITS, kernels.M_TBITS + kernels.NORD_MAX)
-    admitted = drafter._meta[slot, orders].copy()
+    index = step.request_index(eng.drafter._state, eng.drafter.states[rid].slot)
+    admitted = context_index.table_bits(index)
     assert (admitted == 12).all() == (max_new_tokens is None)  # 4096 entries: at the limit
     eng.run(64)
-    assert drafter._meta[slot, kernels.M_TEXT_LEN] >= prompt_len + 64
-    assert (drafter._meta[slot, orders] != admitted).any() == rebuilt
+    assert context_index.length_of(index) >= prompt_len + 64
+    assert (context_index.table_bits(index) != admitted).any() == rebuilt
 
 
 def test_a_growing_index_rehashes_one_table_per_step():
@@ -374,11 +379,10 @@ def test_a_growing_index_rehashes_one_table_per_step():
                           max_len=prompt_len + 41 * 8)
     rid = eng.add(list(range(100, 100 + prompt_len)))  # every output token new
     eng.step([rid])
-    drafter, slot = eng.drafter, eng.drafter.states[rid].slot
-    orders = slice(kernels.M_TBITS, kernels.M_TBITS + kernels.NORD_MAX)
-    bits = [drafter._meta[slot, orders].copy()]
+    index = step.request_index(eng.drafter._state, eng.drafter.states[rid].slot)
+    bits = [context_index.table_bits(index)]
     for _ in range(40):
         eng.step([rid])
-        bits.append(drafter._meta[slot, orders].copy())
+        bits.append(context_index.table_bits(index))
     assert (bits[0] == 12).all() and (bits[-1] == 13).all()
     assert all((a != b).sum() <= 1 for a, b in itertools.pairwise(bits))

@@ -1,7 +1,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_lookahead.context_index import ORDERS, SEPARATOR, ContextIndex, SharedCorpus
+from vllm_lookahead.context_index import ORDERS, SEPARATOR
+from vllm_lookahead.reference.context_index import ContextIndex, SharedCorpus
 
 
 def reference_match(text, context, orders=ORDERS):

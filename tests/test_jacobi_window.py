@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_lookahead.jacobi_window import JacobiWindow
+from vllm_lookahead.reference.jacobi_window import JacobiWindow
 
 
 def window(n=3, max_key_len=1, seed=0, prompt=(10, 11, 12, 13), stops=frozenset()):

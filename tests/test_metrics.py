@@ -11,12 +11,15 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_lookahead import metrics
+from vllm_lookahead.counters import LookaheadStats
 
 SNAPSHOT = {
     "steps": 10, "chains": 8, "draft_tokens": 30, "accepted_tokens": 12,
     "verified_chains": 7, "verified_tokens": 25, "trajectory_ngrams": 4, "resyncs": 0,
-    "drafted_by_source": {"candidate_prompt": 10, "jacobi": 15, "fill": 5},
-    "accepted_by_source": {"candidate_prompt": 8, "jacobi": 4, "fill": 0},
+    "drafted_by_source": {"prompt": 10, "output": 0, "shared": 0, "trajectory": 0, "jacobi": 15,
+                          "fill": 5},
+    "accepted_by_source": {"prompt": 8, "output": 0, "shared": 0, "trajectory": 0, "jacobi": 4,
+                           "fill": 0},
     "propose_seconds": 0.25, "live_requests": 2, "pool_continuations": 40, "pool_keys": 30,
     "config": {"ngram_size": 3, "window_size": 4, "guess_set_size": 8, "max_key_len": 2},
     "num_speculative_tokens": 6, "adaptive": True,
@@ -36,13 +39,23 @@ def value(found, name, **labels):
     return found[(name, tuple(sorted({"model_name": "tiny", "engine": "0", **labels}.items())))]
 
 
+def test_the_snapshot_above_is_shaped_like_the_drafters():
+    """SNAPSHOT stands in for what workers write: its by-source counters must use the sources the
+    drafter counts, or the exporter is tested on names no engine produces."""
+    real = LookaheadStats().as_dict()
+    for key in ("drafted_by_source", "accepted_by_source"):
+        assert SNAPSHOT[key].keys() == real[key].keys()
+
+
 def test_snapshot_becomes_vllm_style_metrics():
     found = samples([SNAPSHOT])
     assert value(found, "vllm:lookahead_steps_total") == 10
     assert value(found, "vllm:lookahead_verified_tokens_total") == 25
     assert value(found, "vllm:lookahead_proposer_seconds_total") == 0.25
     assert value(found, "vllm:lookahead_accepted_tokens_total", source="jacobi") == 4
+    assert value(found, "vllm:lookahead_accepted_tokens_total", source="prompt") == 8
     assert value(found, "vllm:lookahead_draft_tokens_total", source="fill") == 5
+    assert value(found, "vllm:lookahead_draft_tokens_total", source="prompt") == 10
     # The by-source counters are the split of the totals (which are not exported twice).
     accepted = [v for (n, _), v in found.items() if n == "vllm:lookahead_accepted_tokens_total"]
     assert sum(accepted) == SNAPSHOT["accepted_tokens"]
@@ -108,11 +121,18 @@ def test_writer_writes_on_idle_to_busy_then_throttled_then_on_idle(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_writer_without_paths_does_nothing_and_survives_a_removed_directory(tmp_path):
+def test_writer_without_paths_does_nothing_and_survives_a_removed_directory(tmp_path,
+                                                                            monkeypatch):
     assert not metrics.StatsWriter([""], {})
     metrics.StatsWriter([], {}).after_step(lambda: pytest.fail("no snapshot needed"))
+    warnings: list[str] = []
+    monkeypatch.setattr(metrics.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     gone = metrics.StatsWriter([str(tmp_path / "gone" / "engine-0.json")], {})
-    gone.idle(dict)  # logs a warning once, raises nothing
+    gone.idle(dict)  # raises nothing
+    gone.idle(dict)
+    # A worker outliving the front-end's directory writes every step: one line, not one per step.
+    assert len(warnings) == 1
+    assert "cannot write statistics" in warnings[0]
 
 
 def test_chain_lengths_count_non_empty_chains_up_to_k():
@@ -185,7 +205,7 @@ def test_front_end_gives_each_engine_config_a_stats_directory(tiny_model):
 
 
 def test_only_the_engines_reporting_worker_writes(monkeypatch, tmp_path):
-    from vllm_lookahead import proposer, vllm_compat
+    from vllm_lookahead import engine_requests, proposer
 
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(**{metrics.STATS_DIR_ATTR: str(tmp_path)}),
@@ -195,7 +215,7 @@ def test_only_the_engines_reporting_worker_writes(monkeypatch, tmp_path):
     writer = proposer.stats_writer(config)
     assert writer.paths == [str(tmp_path / "all.json"), str(tmp_path / "engine-2.json")]
     assert writer.labels == {"model_name": "tiny", "engine": "2"}
-    monkeypatch.setattr(vllm_compat, "is_reporting_worker", lambda: False)
+    monkeypatch.setattr(engine_requests, "is_reporting_worker", lambda: False)
     assert not proposer.stats_writer(config)
 
 

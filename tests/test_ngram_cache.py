@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_lookahead.ngram_cache import Candidate, NGramPool
+from vllm_lookahead.reference.ngram_cache import Candidate, NGramPool
 
 
 def add(pool, seq, starts, conts):

@@ -29,7 +29,7 @@ import pytest
 
 from benchmarks.tiny_model import WORDS
 from tests.conftest import make_llm, shutdown
-from vllm_lookahead import vllm_compat
+from vllm_lookahead import cpu_workarounds
 
 SAMPLES = 600  # requests per run: per position, the sample size of each side of the test
 POSITIONS = 6
@@ -132,7 +132,7 @@ def reference(tiny_model, prompt) -> dict[str, Positions]:
 @pytest.fixture(scope="module")
 def vllm_kernel_broken() -> bool:
     """The self-test's verdict on vLLM's own CPU expand kernel (not the plugin's repair)."""
-    return bool(vllm_compat.vllm_expand_kernel_is_broken())
+    return bool(cpu_workarounds.vllm_expand_kernel_is_broken())
 
 
 @pytest.mark.engine
@@ -147,7 +147,7 @@ def test_sampled_tokens_follow_the_distribution_without_speculation(
     if method == "ngram":
         # vLLM's ngram must run on vLLM's own kernel. Engine processes are spawned today, but a
         # forked one would inherit a repair made in this process by an earlier test.
-        original = vllm_compat._replaced_expand_impl
+        original = cpu_workarounds._replaced_expand_impl
         if original:
             from vllm.utils import cpu_triton_utils
 
@@ -191,7 +191,7 @@ def test_the_replacement_expands_like_the_triton_kernel(dtype):
                           dtype=getattr(torch, dtype))
     cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)  # the second row has no tokens
     out = torch.full((7,), -9, dtype=values.dtype)  # one slot past the last row: left alone
-    vllm_compat.expand_kernel_cpu(out, values, cu, 0, 1)
+    cpu_workarounds.expand_kernel_cpu(out, values, cu, 0, 1)
     first = 0.5 if dtype == "float32" else 5
     assert out.tolist() == [first, first, 3, 3, 3, 7, -9]
 
@@ -201,33 +201,39 @@ def cpu_fallbacks(monkeypatch):
     """vLLM's CPU kernel fallbacks, restored after the test; skips where none is in use. The
     dispatcher is kept out: an in-process engine of an earlier test may have registered vLLM's
     fallback with it in this process, and these tests must neither depend on nor change that."""
-    cpu_tl = vllm_compat._cpu_fallback_module()
-    if cpu_tl is None:
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    # The skip follows the platform, not the plugin's lookup: a lookup that no longer finds
+    # vLLM's fallback would switch the repair off, and must fail here rather than skip.
+    if not current_platform.is_cpu() or HAS_TRITON:
         pytest.skip("no CPU kernel fallback in use here (not a CPU build, or Triton-CPU)")
-    monkeypatch.setattr(vllm_compat, "_expand_override_registered", lambda _: False)
+    cpu_tl = cpu_workarounds._cpu_fallback_module()
+    assert cpu_tl is not None, "a CPU build without Triton, yet vLLM's fallback was not found"
+    monkeypatch.setattr(cpu_workarounds, "_expand_override_registered", lambda _: False)
     monkeypatch.setattr(cpu_tl, "_expand_kernel_impl", cpu_tl._expand_kernel_impl)
-    monkeypatch.setattr(vllm_compat, "_replaced_expand_impl", [])
+    monkeypatch.setattr(cpu_workarounds, "_replaced_expand_impl", [])
     return cpu_tl
 
 
 @pytest.fixture
 def warnings_logged(monkeypatch) -> list[str]:
-    """The plugin's warning lines from vllm_compat (vLLM's `vllm` logger does not propagate to
+    """The plugin's warning lines from cpu_workarounds (vLLM's `vllm` logger does not propagate to
     pytest's capture)."""
     lines: list[str] = []
-    monkeypatch.setattr(vllm_compat.logger, "warning",
+    monkeypatch.setattr(cpu_workarounds.logger, "warning",
                         lambda msg, *args: lines.append(msg % args))
     return lines
 
 
 def test_a_working_kernel_is_left_alone(cpu_fallbacks, monkeypatch, warnings_logged):
     def working(*args: Any) -> None:
-        vllm_compat.expand_kernel_cpu(*args)
+        cpu_workarounds.expand_kernel_cpu(*args)
 
     monkeypatch.setattr(cpu_fallbacks, "_expand_kernel_impl", working)
-    assert vllm_compat.repair_cpu_expand_kernel() is False
+    assert cpu_workarounds.repair_cpu_expand_kernel() is False
     assert cpu_fallbacks._expand_kernel_impl is working
-    assert vllm_compat.vllm_expand_kernel_is_broken() is False
+    assert cpu_workarounds.vllm_expand_kernel_is_broken() is False
     assert warnings_logged == []
 
 
@@ -239,9 +245,10 @@ def test_a_broken_kernel_is_replaced_once(cpu_fallbacks, monkeypatch, warnings_l
         output.to(torch.int64).fill_(0)
 
     monkeypatch.setattr(cpu_fallbacks, "_expand_kernel_impl", broken)
-    assert vllm_compat.repair_cpu_expand_kernel() is True
-    assert vllm_compat.repair_cpu_expand_kernel() is False
-    assert cpu_fallbacks._expand_kernel_impl is vllm_compat.expand_kernel_cpu
-    assert vllm_compat.vllm_expand_kernel_is_broken() is True  # the verdict on vLLM's own kernel
+    assert cpu_workarounds.repair_cpu_expand_kernel() is True
+    assert cpu_workarounds.repair_cpu_expand_kernel() is False
+    assert cpu_fallbacks._expand_kernel_impl is cpu_workarounds.expand_kernel_cpu
+    # the verdict on vLLM's own kernel
+    assert cpu_workarounds.vllm_expand_kernel_is_broken() is True
     assert len(warnings_logged) == 1
     assert "repaired a vLLM" in warnings_logged[0]

@@ -136,6 +136,28 @@ def test_server_exports_speculative_metrics(server, client, model_name, prompts)
     assert accepted and float(accepted[0].split()[-1]) > 0
 
 
+def test_a_seeded_request_gets_the_same_tokens_however_busy_the_server(client, model_name,
+                                                                     prompts):
+    """The same seeded completion first alone, then among unseeded sampled requests sent at the
+    same time, after the server has learned from all that traffic: the same tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def complete(prompt, seed=None):
+        resp = client.completions.create(model=model_name, prompt=prompt, max_tokens=32,
+                                         temperature=0.8, top_p=0.95, seed=seed,
+                                         extra_body=GREEDY)
+        return token_ids(resp.choices[0])
+
+    alone = complete(prompts[2], seed=77)
+    with ThreadPoolExecutor(8) as pool:
+        crowd = [pool.submit(complete, p) for p in prompts[10:17]]
+        busy = pool.submit(complete, prompts[2], 77).result()
+        unseeded = [f.result() for f in crowd]
+    assert len(alone) == 32
+    assert busy == alone
+    assert len({tuple(t) for t in unseeded}) > 1
+
+
 @pytest.mark.parametrize("launcher", ["module", "vllm-lookahead"])
 def test_bad_config_stops_the_server_at_startup_with_one_clear_message(tiny_model, launcher):
     bad = json.dumps({"method": "lookahead", "lookahead_ngram_size": 1})

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import first_difference, generate_tokens, greedy_params, make_llm, shutdown
 from tests.test_server import GREEDY, free_port, server_command, token_ids, wait_healthy
 from tests.worker_probes import drafts_digest, record_drafts
-from vllm_lookahead.vllm_compat import worker_stats
+from vllm_lookahead.engine_requests import worker_stats
 
 pytestmark = pytest.mark.engine
 
@@ -64,8 +64,7 @@ def tp2_offline(tiny_model, prompts):
                    if m.name.startswith("vllm:spec_decode")}
         from vllm_lookahead import metrics as lookahead_metrics
 
-        per_engine = lookahead_metrics.engine_stats(llm) \
-            if hasattr(lookahead_metrics, "engine_stats") else None
+        per_engine = lookahead_metrics.engine_stats(llm)
     finally:
         shutdown(llm)
     print(f"[figures] offline TP=2: start_s={start_s:.1f}, rss_mib={rss:.0f}")
@@ -83,9 +82,9 @@ def test_offline_tp2_outputs_and_statistics_once_per_engine(tp2_offline, baselin
     # vLLM counts the engine's tokens once (rank 0's drafts are the ones verified).
     assert r["metrics"]["vllm:spec_decode_num_accepted_tokens"] == stats[0]["accepted_tokens"]
     assert r["metrics"]["vllm:spec_decode_num_draft_tokens"] == stats[0]["verified_tokens"]
-    if r["per_engine"] is not None:  # the package's per-engine export: one engine, one snapshot
-        assert len(r["per_engine"]) == 1
-        assert r["per_engine"][0]["accepted_tokens"] == stats[0]["accepted_tokens"]
+    # the package's per-engine export: one engine, one snapshot
+    assert len(r["per_engine"]) == 1
+    assert r["per_engine"][0]["accepted_tokens"] == stats[0]["accepted_tokens"]
 
 
 def test_offline_tp2_only_the_output_rank_drafts(tp2_offline):
@@ -154,6 +153,6 @@ def test_server_tp2_matches_and_reports_once_per_engine(tp2_server, prompts, bas
     accepted = [line for line in text.splitlines()
                 if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
     assert len(accepted) == 1 and float(accepted[0].split()[-1]) > 0
-    # The proposer's own metrics, where the package exports them: one engine, not one per rank.
+    # The proposer's own metrics: one engine, not one per rank.
     engines = set(re.findall(r'^vllm:lookahead_\w+\{[^}]*engine="(\d+)"', text, re.M))
-    assert engines <= {"0"}
+    assert engines == {"0"}

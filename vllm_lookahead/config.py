@@ -33,7 +33,7 @@ MAX_SPEC_LEN = 128
 MAX_SHARED_TOKENS = 1 << 22
 """The most `shared_pool_tokens`: a namespace's text (what it retains, a quarter more before it is
 rebuilt, and the sequence just added) must fit one compiled text index, which addresses
-`kernels.MAX_TEXT` (2**24 - 1) tokens."""
+`context_index.MAX_TEXT` (2**24 - 1) tokens."""
 
 LOSSLESS_REJECTION_METHOD = "standard"
 

@@ -1,16 +1,16 @@
-"""The drafter: everything lookahead does per step that needs no vLLM, compiled (`kernels`).
+"""The drafter: everything lookahead does per step that needs no vLLM.
 
-The algorithm is `reference_drafter.ReferenceDrafter`'s, chain for chain (a property test drives
-both with the same traffic): per request the text indexed for longest-suffix matches, the
-trajectory pool and the Jacobi window; per engine the acceptance model, the step cost model and
-the cross-request corpus. What differs is where it runs: the per-step work of the whole batch is
-two numba calls over flat arrays (`kernels.sync_batch`, `kernels.compose_batch`). Python maps
-request ids to slots, admits and frees requests, keeps the cost model (one fit per step) and the
-shared corpus's bookkeeping, and turns the output array into the lists vLLM wants.
+Per request (keyed by request id) it keeps a slot in the compiled state (`request_state`: the
+request's text index, trajectory pool and Jacobi window); per engine, the acceptance model, the
+step cost model and the shared corpora. Each step is one compiled call over the whole batch
+(`step.step`); this class maps request ids to slots, admits requests (indexing a long prompt
+while vLLM prefills it), frees them, keeps the memory budget, and turns the chains into the lists
+vLLM wants. `reference.drafter.ReferenceDrafter` is the same algorithm in plain Python; a property
+test drives both with the same traffic and requires the same chains.
 
-Memory: every structure is counted (bytes of the arrays in the store, the fixed per-slot arrays,
-the shared sequences) against `LookaheadConfig.memory_budget_mib`; past it, at the end of the step
-or admission that passed it, the drafter evicts, least useful first: the shared corpus's oldest
+Memory: every array of the compiled state is counted (`compiled.zeros`), and so are the shared
+sequences, against `LookaheadConfig.memory_budget_mib`; past it, at the end of the step or
+admission that passed it, the drafter evicts, least useful first: the shared corpus's oldest
 sequences, then the largest trajectory pools, then the largest texts with their indexes (that
 request then drafts from its pool and Jacobi window only, and its output is not shared).
 """
@@ -20,65 +20,90 @@ from __future__ import annotations
 import dataclasses
 import operator
 import zlib
-from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from vllm_lookahead import kernels as kn
-from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError, RequestOptions
-from vllm_lookahead.context_index import ORDERS
-from vllm_lookahead.estimator import (
+from vllm_lookahead import chain, step
+from vllm_lookahead.acceptance import (
     FILL_FEATURE,
+    GREEDY,
     POOL_HITS,
+    PRIOR,
+    SAMPLED,
     SUPPORT_LEVELS,
-    AcceptanceModel,
-    CostModel,
-    Source,
+    acceptance_tables,
     copy_primary,
     jacobi_primary,
+    new_acceptance,
     pool_primary,
 )
-from vllm_lookahead.reference_drafter import (
-    _SWEEP_EVERY_STEPS,
-    CPU_STEP_COST_PRIOR,
-    BaseDrafter,
-    LookaheadStats,
-)
-from vllm_lookahead.trajectory import RequestInfo, Requests, RequestSource, StepTrajectory
+from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError, RequestOptions
+from vllm_lookahead.context_index import MAX_TEXT, ORDERS
+from vllm_lookahead.counters import KERNEL_COUNTERS, LookaheadStats, read_kernel_counters
+from vllm_lookahead.request_state import NO_NAMESPACE
+from vllm_lookahead.shared_corpus import SharedCorpus
+from vllm_lookahead.step_cost import CPU_STEP_COST_PRIOR, CostModel
+from vllm_lookahead.trajectory import Requests, RequestSource, StepTrajectory
 
-__all__ = ["LookaheadDrafter", "LookaheadStats", "RequestInfo", "RequestSource", "Source"]
-
-_MASK64 = (1 << 64) - 1
-_HITS_TABLE = 64
-"""Hits rows of the pool feature table; pool_primary saturates far below (POOL_HITS)."""
+SWEEP_EVERY_STEPS = 256
+"""How often requests that vLLM no longer knows are freed, where it reports no removals."""
+_MAX_HITS = 64
+"""Hits rows of the pool feature table; `pool_primary` saturates far below (POOL_HITS)."""
 _NONE = np.zeros(0, dtype=np.int64)
 ADMIT_CHUNK = 4096
 """vLLM's prefill tokens per step (`max_num_batched_tokens`) where the engine does not say: a
 request's prompt is indexed while vLLM prefills it, up to where vLLM can have got by the end of
 each step, so that indexing a long prompt costs each step no more than its share of what vLLM
-prefills in it, and no step stalls for a whole long prompt (32k tokens: about 5 ms on this
-project's CPU). Whatever remains is indexed at the first sample, where the reference drafter
-indexes it whole (the same index, the same chains)."""
+prefills in it, and no step stalls for a whole long prompt. Whatever remains is indexed at the
+first sample, where the reference drafter indexes it whole (the same index, the same chains)."""
+_MASK64 = (1 << 64) - 1
+
+StateT = TypeVar("StateT")
 
 
 def _headroom(prompt_len: int, max_new_tokens: int | None) -> int:
     """Tokens of output the text index is sized for at admission, beside the prompt: what the
     request may generate, up to the prompt's length (at most twice the index the prompt needs).
     Without it a prompt that fills its tables to the load they are sized for outgrows them from
-    its first tokens on: each table is rehashed in a step of its own, one after another (a
-    2k-token prompt: about 0.2 ms for all eight)."""
+    its first tokens on: each table is rehashed in a step of its own, one after another."""
     return min(max_new_tokens or 0, prompt_len)
 
 
-_STAT_FIELDS = ("chains", "draft_tokens", "cut_tokens", "verified_chains", "verified_tokens",
-                "accepted_tokens", "trajectory_ngrams", "resyncs")
+def padding_seed(seed: int, fill: np.ndarray) -> int:
+    """The Jacobi padding's generator state: the engine's seed and the request's own padding
+    tokens, so that runs are reproducible whatever vLLM's request ids are."""
+    return (seed * 0x100000001B3 + zlib.crc32(fill.astype(np.int64).tobytes())) & _MASK64
+
+
+class BaseDrafter(Generic[StateT]):
+    """What both drafters are given and keep alike: the settings, the live requests' states by
+    request id and the step cost model; `remove` releases a finished request's state."""
+
+    def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
+                 adaptive: bool = False,
+                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
+        self.cfg = cfg
+        self.k = num_speculative_tokens
+        self.adaptive = adaptive
+        self.max_model_len = max_model_len
+        self.states: dict[str, StateT] = {}
+        self._cost_prior = step_cost_prior
+        self.cost = CostModel(step_cost_prior)
+
+    def remove(self, req_id: str) -> None:
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self._release(state)
+
+    def _release(self, state: StateT) -> None:
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(eq=False)
 class SlotHandle:
-    """A live request's slot in the store; a new request under the same id gets a new handle."""
+    """A live request's slot; a new request under the same id gets a new handle."""
 
     req_id: str
     slot: int
@@ -87,22 +112,41 @@ class SlotHandle:
     share: bool
     prompt: np.ndarray | None = None
     """The prompt as stored, until the first sample: it is being indexed (`indexed` tokens so
-    far); the kernels see the slot only once the prompt is whole."""
+    far); the step sees the slot only once the prompt is whole."""
     indexed: int = 0
 
 
 class AcceptanceView:
-    """One acceptance model (greedy or sampled) inside the compiled drafter's tables."""
+    """One row (greedy or sampled) of the compiled acceptance model."""
 
-    def __init__(self, tables: np.ndarray, index: int) -> None:
-        self._tables = tables
-        self._index = index
+    def __init__(self, p: np.ndarray, row: int) -> None:
+        self._p = p
+        self._row = row
 
     def p(self, feature: int) -> float:
-        return float(self._tables[2, self._index, feature])
+        return float(self._p[self._row, feature])
 
     def table(self) -> list[float]:
-        return self._tables[2, self._index].tolist()
+        return self._p[self._row].tolist()
+
+
+class _ChainBuffers:
+    """The step's per-row arrays, sized for `rows` rows (Python reads what the step writes)."""
+
+    def __init__(self, rows: int, k: int) -> None:
+        self.rows = rows
+        self.batch = np.zeros(rows, dtype=step.BATCH_ROW)
+        self.slot = self.batch["slot"]
+        self.samples = self.batch["samples"]
+        self.verified_base = self.batch["verified_base"]
+        self.verified_start = self.batch["verified_start"]
+        self.verified_end = self.batch["verified_end"]
+        self.length = np.zeros(rows, dtype=np.int32)
+        self.flat = np.zeros(rows * k, dtype=np.int32)
+        arrays = (np.zeros((rows, k), dtype=np.int32), np.zeros((rows, k), dtype=np.int32),
+                  np.zeros((rows, k), dtype=np.int32), np.zeros((rows, k), dtype=np.float64))
+        self.nbytes = sum(a.nbytes for a in (*arrays, self.batch, self.length, self.flat))
+        self.record = chain.new_chains(*arrays, self.length, self.flat)
 
 
 class LookaheadDrafter(BaseDrafter[SlotHandle]):
@@ -111,138 +155,80 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                  step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR,
                  prefill_chunk: int | None = None) -> None:
         super().__init__(cfg, num_speculative_tokens, max_model_len, adaptive, step_cost_prior)
-        if max_model_len + num_speculative_tokens >= kn.MAX_TEXT:
+        if max_model_len + num_speculative_tokens >= MAX_TEXT:
             raise LookaheadConfigError(
-                f"lookahead indexes at most {kn.MAX_TEXT - 1:,} tokens per request, but "
+                f"lookahead indexes at most {MAX_TEXT - 1:,} tokens per request, but "
                 f"max_model_len is {max_model_len:,}; serve this model with a smaller "
                 "--max-model-len or without lookahead")
         self.prefill_chunk = prefill_chunk or ADMIT_CHUNK
-        self.indexed_in_prefill = 0
-        """Prompt tokens indexed in steps that prefilled them, before the first sample."""
-        self._stats = LookaheadStats()
-        self._counters = np.zeros(kn.T_FIELDS, dtype=np.int64)
         self.budget_bytes = cfg.memory_budget_mib << 20
-        self.evictions = 0
-        self._init_acceptance()
-        self._init_tables()
-        self._slots_cap = 0
-        self._free: list[int] = []
-        self._store = kn.new_store(0)
-        self._grow_slots(16)
-        self._batch_cap = 0
-        self._grow_batch(16)
-        self._ready: dict[str, int] = {}
-        """Slot of every live request whose prompt is indexed (the step's fast path)."""
-        self._steady_rows: list[str] | None = None
-        """The rows of the last step whose slots came from `_ready`, while `rowsin[0]` still holds
-        those slots: the same rows again need no lookup (vLLM keeps its batch's order)."""
-        self._namespaces: dict[str | None, int] = {}
-        self._nsmap = np.full(8, -1, dtype=np.int64)
-        self.shared = SharedStore(self, cfg.shared_pool_tokens)
+        self._start_afresh()
 
     # --- set-up ---------------------------------------------------------------------------
 
-    def _init_acceptance(self) -> None:
-        # Sampled requests accept a draft with the target's probability of it, not its argmax:
-        # they learn their own acceptance (index 0 sampled, 1 greedy).
-        models = [AcceptanceModel(), AcceptanceModel()]
-        self._acc = np.stack([np.stack([m.accepted, m.seen, np.array(m.table())])
-                              for m in models], axis=1).astype(np.float64)
-        # The same powers the reference computes (`decay ** len(touched)`), so that no pow()
-        # implementation of the compiled code can differ in the last bit.
-        self._fl = np.array([float(models[0]._floor),
-                             *(models[0]._decay ** n for n in range(self.k + 2))])
-        self.acceptance = {True: AcceptanceView(self._acc, 1),
-                           False: AcceptanceView(self._acc, 0)}
-        self._arrays_replaced()
+    def _start_afresh(self) -> None:
+        """No request, nothing learned: the state a new engine starts from."""
+        self.states = {}
+        self.cost = CostModel(self._cost_prior)
+        self._stats = LookaheadStats()
+        self._memory = np.zeros(1, dtype=np.int64)
+        self._free: list[int] = []
+        self._num_slots = 0
+        self._ready: dict[str, int] = {}
+        """Slot of every live request whose prompt is indexed (the step's fast path)."""
+        self._steady_rows: list[str] | None = None
+        """The rows of the last step whose slots came from `_ready`, while the batch buffer still
+        holds those slots: the same rows again need no lookup (vLLM keeps its batch's order)."""
+        self._namespaces: dict[str | None, int] = {}
+        self._build_state()
+        self.shared = SharedCorpus(self._state, self.cfg.shared_pool_tokens)
 
-    def _init_tables(self) -> None:
-        """`kernels.step`'s integer parameters: the configuration, the orders and the primary
-        feature of every kind of evidence, from the estimator's own functions."""
+    def _build_state(self) -> None:
         cfg, k = self.cfg, self.k
-        c, mkl = cfg.ngram_size - 1, cfg.max_key_len
-        copy = [copy_primary(shared, order, consistent) for shared in (False, True)
-                for order in (*ORDERS, *[0] * (kn.NORD_MAX - len(ORDERS)))
-                for consistent in (False, True)]
-        jacobi = [jacobi_primary(pos) for pos in range(k + 1)]
-        pool = [pool_primary(max(key_len, 1), max(hits, 1), j) for key_len in range(mkl + 1)
-                for hits in range(_HITS_TABLE + 1) for j in range(c)]
-        assert POOL_HITS <= _HITS_TABLE
-        header = [0] * kn.C_FIELDS
-        for field, value in ((kn.C_K, k), (kn.C_CONT, c), (kn.C_MKL, mkl),
-                             (kn.C_G, cfg.guess_set_size), (kn.C_LIN, c - 1 + mkl - 1),
-                             (kn.C_MAXLEN, self.max_model_len), (kn.C_SUPPORT, SUPPORT_LEVELS),
-                             (kn.C_FILLFEAT, FILL_FEATURE), (kn.C_NORD, len(ORDERS)),
-                             (kn.C_HITS, _HITS_TABLE),
-                             (kn.C_TPOOL, kn.T_JAC + len(jacobi))):
-            header[field] = value
-        orders = [*ORDERS, *[0] * (kn.NORD_MAX - len(ORDERS))]
-        self._tabs = np.array([*header, *orders, *copy, *jacobi, *pool], dtype=np.int64)
-        self._grid = np.empty((k + 1, c + mkl), dtype=np.int64)
-        self._arrays_replaced()
+        tables = acceptance_tables(k)
+        self._p = tables["p"]
+        self.acceptance = {True: AcceptanceView(self._p, GREEDY),
+                           False: AcceptanceView(self._p, SAMPLED)}
+        self._counters = np.zeros(1, dtype=KERNEL_COUNTERS)
+        self._buffers = _ChainBuffers(16, k)
+        self._fixed_bytes = sum(np.asarray(a).nbytes for a in tables.values()) + \
+            self.cost.cells.nbytes + self._counters.nbytes
+        self._state = step.new_drafter_state(
+            self._chain_settings(), new_acceptance(**tables), self.cost.cells, self._counters,
+            self._buffers.record, (cfg.ngram_size - 1, cfg.max_key_len, cfg.guess_set_size), k,
+            self._memory)
+        self._fixed_bytes += step.scratch_bytes(self._state)
 
-    def _grow_slots(self, capacity: int) -> None:
-        k, lin = self.k, int(self._tabs[kn.C_LIN])
-        old = self._slots_cap
-        fresh = {
-            "_meta": np.zeros((capacity, kn.M_FIELDS), dtype=np.int64),
-            "_rng": np.zeros(capacity, dtype=np.uint64),
-            "_jw": np.zeros((capacity, 4, k + 1), dtype=np.int32),
-            "_jl": np.zeros((capacity, 2, k + 1, lin), dtype=np.int32),
-        }
-        for name, array in fresh.items():
-            if old:
-                array[:old] = getattr(self, name)
-            setattr(self, name, array)
-        for _ in range((capacity - old) * kn.NREG):
-            self._store.append(kn.EMPTY)
-        self._free.extend(range(capacity - 1, old - 1, -1))
-        self._slots_cap = capacity
-        self._arrays_replaced()
+    def _chain_settings(self) -> chain.ChainSettings:
+        """The limits and the primary feature of every kind of evidence, from the acceptance
+        model's own functions."""
+        cfg, k = self.cfg, self.k
+        cont_len, mkl = cfg.ngram_size - 1, cfg.max_key_len
+        copy = np.array([[[copy_primary(shared, order, consistent) for consistent in (False, True)]
+                          for order in ORDERS] for shared in (False, True)], dtype=np.int64)
+        assert POOL_HITS <= _MAX_HITS
+        pool = np.array([[[pool_primary(max(key_len, 1), max(hits, 1), j) for j in range(cont_len)]
+                          for hits in range(_MAX_HITS + 1)] for key_len in range(mkl + 1)],
+                        dtype=np.int64)
+        jacobi = np.array([jacobi_primary(pos) for pos in range(k + 1)], dtype=np.int64)
+        return chain.new_settings(self.max_model_len, self.adaptive, SUPPORT_LEVELS,
+                                  FILL_FEATURE, copy, pool, jacobi)
 
     def _grow_batch(self, rows: int) -> None:
-        k = self.k
-        self._out = np.zeros((3, rows, k), dtype=np.int32)  # tokens, sources, features
-        self._out_len = np.zeros(rows, dtype=np.int32)
-        self._out_reach = np.zeros((rows, k), dtype=np.float64)
-        self._rowsin = np.zeros((2, rows), dtype=np.int32)
-        self._flat = np.zeros(rows * k, dtype=np.int32)
+        self._buffers = _ChainBuffers(rows, self.k)
+        step.set_chains(self._state, self._buffers.record)
         self._steady_rows = None
-        self._batch_cap = rows
-        self._arrays_replaced()
 
-    def _arrays_replaced(self) -> None:
-        """After any array the kernels keep was replaced: recount the fixed bytes, bind the
-        step's state again."""
-        self._fixed: int | None = None
-        self._step_state: kn.StepState | None = None
-
-    def _kernel_state(self) -> kn.StepState:
-        if self._step_state is None:
-            self._step_state = kn.bind_step_state(
-                self._store, self._meta, self._rng, self._jw, self._jl, self._acc, self._fl,
-                self.cost.state, self._tabs, self._nsmap, self._counters, self._out,
-                self._out_len, self._out_reach, self._flat, self._grid)
-        return self._step_state
-
-    def _new_slot(self, kind: int) -> int:
-        if not self._free:
-            self._grow_slots(2 * self._slots_cap)
-        slot = self._free.pop()
-        self._meta[slot] = 0
-        self._meta[slot, kn.M_KIND] = kind
-        self._jw[slot] = 0
-        self._rng[slot] = 0
-        return slot
-
-    def _free_slot(self, slot: int) -> None:
-        kn.free_slot(self._store, self._meta, self._counters, slot)
-        self._free.append(slot)
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._num_slots += 1
+        return self._num_slots - 1
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) every kernel with a tiny batch, so that the
-        first engine step does not wait for it. The warm-up request does not share its output:
-        nothing of it may reach a real request's drafts."""
+        first engine step does not wait for it, then start afresh: nothing of the warm-up
+        request reaches a real request's drafts."""
         requests = Requests()
         requests.add("warm-up", 3, RequestOptions(share=False))
         tokens = np.array([[1, 2, 3, 1, 2]], dtype=np.int32)
@@ -254,11 +240,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
             self.draft_batch(["warm-up"], [[1, 2]], np.array([5]), tokens.astype(dtype), traj,
                              requests, 0.01)
             self.remove("warm-up")
-        self._counters[:kn.T_TOTAL] = 0
-        self._stats = LookaheadStats()
-        self._init_acceptance()
-        self.cost = CostModel(self._cost_prior)
-        self._arrays_replaced()
+        self._start_afresh()
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -270,65 +252,65 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         teaches the cost model."""
         self._stats.steps += 1
         batch = len(req_ids)
-        if batch > self._batch_cap:
-            self._grow_batch(max(batch, 2 * self._batch_cap))
-        rowsin = self._rowsin[:, :batch]
-        admitted, every_row = self._slots_of(req_ids, sampled, token_ids, requests, rowsin)
-        tb, tcu, tidx, fd, fy = self._trajectory_rows(req_ids, trajectory)
+        if batch > self._buffers.rows:
+            self._grow_batch(max(batch, 2 * self._buffers.rows))
+        buffers = self._buffers
+        admitted, every_row = self._slots_of(req_ids, sampled, token_ids, requests, buffers)
+        drafts, predictions = self._verified_rows(req_ids, trajectory, buffers)
         # The step time counts only for steps that verified nothing but these chains.
         observe = step_seconds is not None and not admitted and every_row
-        total = kn.step(self._kernel_state(), rowsin, num_tokens, token_ids, tb, tcu, tidx, fd,
-                        fy, int(observe) | (2 if self.adaptive else 0),
-                        step_seconds if observe else 0.0)
-        drafts = self._chains(batch, total)
-        if self._stats.steps % _SWEEP_EVERY_STEPS == 0:
+        total = step.step(self._state, buffers.batch[:batch], token_ids, num_tokens, drafts,
+                          predictions, step_seconds if observe else -1.0)
+        chains = self._chains(batch, total)
+        if self._stats.steps % SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
         self._enforce_budget()
-        return drafts
+        return chains
 
     def _chains(self, batch: int, total: int) -> list[list[int]]:
-        """The chains as the lists vLLM wants, from the kernel's end-to-end copy of them."""
+        """The chains as the lists vLLM wants, from the step's end-to-end copy of them."""
         if not total:
             return [[] for _ in range(batch)]
-        flat = self._flat[:total].tolist()
+        flat = self._buffers.flat[:total].tolist()
         if batch == 1:
             return [flat]
         chains = []
         start = 0
-        for n in self._out_len[:batch].tolist():
+        for n in self._buffers.length[:batch].tolist():
             chains.append(flat[start:start + n])
             start += n
         return chains
 
     def _slots_of(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
-                  token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
+                  token_ids: np.ndarray, requests: RequestSource, buffers: _ChainBuffers,
                   ) -> tuple[bool, bool]:
-        """Each row's slot (-1: nothing committed this step) and sample count into `rowsin`,
-        admitting new requests; returns whether a prompt was completed (a request's first
-        sample, where the reference admits it) and whether every row has a slot. In the steady
-        state (every row known, indexed and sampled) without a loop over the rows."""
-        if req_ids != self._steady_rows:  # else rowsin[0] holds these rows' slots already
+        """Each row's slot (-1: nothing committed this step) and sample count into the batch
+        buffer, admitting new requests; returns whether a prompt was completed (a request's
+        first sample, where the reference admits it) and whether every row has a slot. In the
+        steady state (every row known, indexed and sampled) without a loop over the rows."""
+        batch = len(req_ids)
+        if req_ids != self._steady_rows:  # else the buffer holds these rows' slots already
             slots = list(map(self._ready.get, req_ids))
             if None in slots:
-                return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
-            rowsin[0] = slots
+                return self._slots_of_each(req_ids, sampled, token_ids, requests, buffers)
+            buffers.slot[:batch] = slots
             self._steady_rows = list(req_ids)
         if not (all(sampled) and self._owners_current(req_ids, requests)):
-            return self._slots_of_each(req_ids, sampled, token_ids, requests, rowsin)
-        rowsin[1] = list(map(len, sampled))
+            return self._slots_of_each(req_ids, sampled, token_ids, requests, buffers)
+        buffers.samples[:batch] = list(map(len, sampled))
         return False, True
 
     def _owners_current(self, req_ids: Sequence[str], requests: RequestSource) -> bool:
         """Whether every row's request is the one its state was made for, not another under the
         same id (nothing to check where the engine reports every removal)."""
-        if getattr(requests, "reports_removals", False):
+        if requests.reports_removals:
             return True
         states = self.states
         return all(map(operator.is_, map(requests.owner, req_ids),
                        (states[req_id].owner for req_id in req_ids)))
 
     def _slots_of_each(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
-                       token_ids: np.ndarray, requests: RequestSource, rowsin: np.ndarray,
+                       token_ids: np.ndarray, requests: RequestSource, buffers: _ChainBuffers,
                        ) -> tuple[bool, bool]:
         """`_slots_of` row by row, admitting requests and indexing prompts."""
         self._steady_rows = None
@@ -345,7 +327,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                 if handle.prompt is not None:
                     before = handle.indexed
                     self._index_prompt(handle, requests.prefilled(req_id) + self.prefill_chunk)
-                    self.indexed_in_prefill += handle.indexed - before
+                    self._stats.prompt_tokens_indexed_in_prefill += handle.indexed - before
                 slots.append(-1)
                 continue
             if handle.prompt is not None:
@@ -354,29 +336,38 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
                 self._ready[req_id] = handle.slot
                 admitted = True
             slots.append(handle.slot)
-        rowsin[0] = slots
-        rowsin[1] = [len(sample) for sample in sampled]
+        batch = len(req_ids)
+        buffers.slot[:batch] = slots
+        buffers.samples[:batch] = [len(sample) for sample in sampled]
         return admitted, -1 not in slots
 
-    def _trajectory_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
-                         ) -> tuple[np.ndarray, ...]:
-        """The trajectory's bases, draft offsets, each row's index in it (-1: none; empty: the
-        rows are the trajectory's) and the flat drafts and predictions, for `kernels.step`
-        (all empty: no drafts)."""
+    def _verified_rows(self, req_ids: Sequence[str], trajectory: StepTrajectory | None,
+                       buffers: _ChainBuffers) -> tuple[np.ndarray, np.ndarray]:
+        """Where each row's verified chain is in the trajectory's flat arrays (an empty range:
+        none), into the batch buffer; returns the flat drafts and predictions."""
+        batch = len(req_ids)
         if trajectory is None:
-            return _NONE, _NONE, _NONE, _NONE, _NONE
+            buffers.verified_end[:batch] = buffers.verified_start[:batch]
+            return _NONE, _NONE
         cu = np.asarray(trajectory.cu_drafts, dtype=np.int64)
         if cu.item(-1) == cu.item(0):  # no row has drafts
-            return _NONE, _NONE, _NONE, _NONE, _NONE
+            buffers.verified_end[:batch] = buffers.verified_start[:batch]
+            return _NONE, _NONE
+        bases = np.asarray(trajectory.bases, dtype=np.int64)
         if trajectory.req_ids == req_ids or list(trajectory.req_ids) == list(req_ids):
-            index = _NONE
+            buffers.verified_base[:batch] = bases
+            buffers.verified_start[:batch] = cu[:-1]
+            buffers.verified_end[:batch] = cu[1:]
         else:
             where = {rid: i for i, rid in enumerate(trajectory.req_ids)}
             index = np.array([where.get(rid, -1) for rid in req_ids], dtype=np.int64)
-        drafts, argmax = trajectory.arrays()
-        return (np.asarray(trajectory.bases, dtype=np.int64), cu, index,
-                np.ascontiguousarray(drafts, dtype=np.int64),
-                np.ascontiguousarray(argmax, dtype=np.int64))
+            known = index >= 0
+            buffers.verified_base[:batch] = np.where(known, bases[index], 0)
+            buffers.verified_start[:batch] = np.where(known, cu[index], 0)
+            buffers.verified_end[:batch] = np.where(known, cu[index + 1], 0)
+        drafts, predictions = trajectory.arrays()
+        return (np.ascontiguousarray(drafts, dtype=np.int64),
+                np.ascontiguousarray(predictions, dtype=np.int64))
 
     # --- requests -------------------------------------------------------------------------
 
@@ -396,27 +387,24 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         stops = np.array(sorted(info.stop_token_ids), dtype=np.int64)
         fill = real[~np.isin(real, stops)]
         share = info.options.share and self.cfg.shared_pool_tokens > 0
-        slot = self._new_slot(1)
-        meta = self._meta[slot]
-        meta[kn.M_NPROMPT] = num_prompt
-        meta[kn.M_COMMITTED] = num_prompt
-        meta[kn.M_LAST] = int(tokens[num_prompt - 1])
-        meta[kn.M_BUDGET] = info.options.chain_budget(self.k)
-        meta[kn.M_GREEDY] = int(info.greedy)
-        meta[kn.M_NSID] = self._namespace_id(info.options.namespace) if share else -1
-        meta[kn.M_NFILL] = len(fill)
-        meta[kn.M_NSTOPS] = len(stops)
-        # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
-        self._rng[slot] = (self.cfg.seed * 0x100000001B3 + zlib.crc32(real.tobytes())) & _MASK64
-        kn.set_region(self._store, self._meta, self._counters, slot, kn.R_FILL,
-                      fill.astype(np.int32))
-        kn.set_region(self._store, self._meta, self._counters, slot, kn.R_STOPS,
-                      stops.astype(np.int32))
+        admission = np.zeros(1, dtype=step.ADMISSION)
+        admission["num_prompt"] = num_prompt
+        admission["last_token"] = int(tokens[num_prompt - 1])
+        admission["budget"] = info.options.chain_budget(self.k)
+        namespace = self._namespace_id(info.options.namespace) if share else NO_NAMESPACE
+        # A seeded request drafts from its own tokens only: by the prior, from no corpus, kept
+        # whole by the cut (its output may still join the corpus for other requests).
+        admission["acceptance_row"] = PRIOR if info.seeded else GREEDY if info.greedy \
+            else SAMPLED
+        admission["namespace"] = NO_NAMESPACE if info.seeded else namespace
+        admission["independent"] = info.seeded
+        admission["seed"] = padding_seed(self.cfg.seed, real)
+        admission["reserve"] = len(prompt) + _headroom(len(prompt), info.max_new_tokens)
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt[:] = -1
-        kn.reserve_text(self._store, self._meta, self._counters, slot,
-                        len(prompt) + _headroom(len(prompt), info.max_new_tokens), self._tabs)
+        slot = self._new_slot()
+        step.admit(self._state, slot, admission, fill.astype(np.int32), stops.astype(np.int32))
         handle = SlotHandle(req_id, slot, info.owner, info.options.namespace, share, prompt)
         self.states[req_id] = handle
         return handle
@@ -426,28 +414,24 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         assert handle.prompt is not None
         upto = min(upto, len(handle.prompt))
         if upto > handle.indexed:
-            kn.extend_text(self._store, self._meta, self._counters, handle.slot,
-                           handle.prompt[handle.indexed:upto], self._tabs)
+            step.index_prompt(self._state, handle.slot, handle.prompt[handle.indexed:upto])
             handle.indexed = upto
             self._enforce_budget()
 
     def _namespace_id(self, namespace: str | None) -> int:
         nsid = self._namespaces.setdefault(namespace, len(self._namespaces))
-        if nsid >= len(self._nsmap):
-            self._nsmap = np.concatenate([self._nsmap, np.full(len(self._nsmap), -1)])
-            self._arrays_replaced()
+        step.corpus(self._state, nsid)  # made (empty) on first use
         return nsid
 
     def _release(self, handle: SlotHandle) -> None:
         """A finished request's output joins its namespace's shared corpus; its slot is freed."""
         self._ready.pop(handle.req_id, None)
         self._steady_rows = None
-        if handle.share and not self._meta[handle.slot, kn.M_NOINDEX]:
-            meta = self._meta[handle.slot]
-            text = self._store[handle.slot * kn.NREG + kn.R_TEXT]
-            self.shared.add(handle.namespace,
-                            text[meta[kn.M_NPROMPT]:meta[kn.M_TEXT_LEN]].copy())
-        self._free_slot(handle.slot)
+        if handle.share:
+            output = step.finished_output(self._state, handle.slot)
+            self.shared.add(self._namespaces[handle.namespace], output)
+        step.release(self._state, handle.slot)
+        self._free.append(handle.slot)
 
     def _sweep(self, requests: RequestSource) -> None:
         """Free states vLLM no longer knows, for versions without a removal hook."""
@@ -457,55 +441,32 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
     # --- memory -----------------------------------------------------------------------------
 
     def nbytes(self) -> int:
-        """Bytes held: every region of the store, the per-slot and per-row arrays, the shared
-        corpus's retained sequences and the acceptance tables."""
-        if self._fixed is None:  # recounted after any of these arrays grew
-            self._fixed = sum(a.nbytes for a in (
-                self._meta, self._rng, self._jw, self._jl, self._out, self._out_len,
-                self._out_reach, self._rowsin, self._flat,
-                self._acc, self._nsmap, self._tabs, self._grid))
-        return self._counters.item(kn.T_TOTAL) + self._fixed + self.shared.sequence_bytes
+        """Bytes held: every array of the compiled state, the step's buffers, the shared
+        corpus's retained sequences and the model tables."""
+        return int(self._memory[0]) + self._fixed_bytes + self._buffers.nbytes + \
+            self.shared.sequence_bytes
 
     def _enforce_budget(self) -> None:
         if self.nbytes() <= self.budget_bytes:
             return
-        self.evictions += 1
+        self._stats.memory_evictions += 1
         self.shared.evict_until(lambda: self.nbytes() <= self.budget_bytes)
         live = [h.slot for h in self.states.values()]
-        for region_bytes, clear in ((self._pool_bytes, self._clear_pool),
-                                    (self._index_bytes, self._clear_index)):
-            for slot in sorted(live, key=region_bytes, reverse=True):
-                if self.nbytes() <= self.budget_bytes or region_bytes(slot) == 0:
+        evictions: tuple[tuple[Callable[..., int], Callable[..., None]], ...] = (
+            (step.pool_bytes, step.clear_pool), (step.text_bytes, step.evict_text))
+        for region_bytes, clear in evictions:
+            for slot in sorted(live, key=lambda s: region_bytes(self._state, s), reverse=True):
+                if self.nbytes() <= self.budget_bytes or region_bytes(self._state, slot) == 0:
                     break
-                clear(slot)
-
-    def _region_bytes(self, slot: int, regions: Sequence[int]) -> int:
-        return sum(4 * len(self._store[slot * kn.NREG + r]) for r in regions)
-
-    def _pool_bytes(self, slot: int) -> int:
-        return self._region_bytes(slot, (kn.R_PHASH, kn.R_PKEYS, kn.R_PNODES))
-
-    def _index_bytes(self, slot: int) -> int:
-        return self._region_bytes(slot, (kn.R_INDEX, kn.R_TEXT))
-
-    def _clear_pool(self, slot: int) -> None:
-        kn.clear_pool(self._store, self._meta, self._counters, slot)
-
-    def _clear_index(self, slot: int) -> None:
-        kn.evict_text(self._store, self._meta, self._counters, slot, self._tabs)
+                clear(self._state, slot)
 
     # --- statistics -------------------------------------------------------------------------
 
     @property
     def stats(self) -> LookaheadStats:
-        """The counters, brought up to date from the kernels' array on every read."""
-        counters = self._counters.tolist()
-        stats = self._stats
-        for i, name in enumerate(_STAT_FIELDS):
-            setattr(stats, name, counters[i])
-        stats.drafted_by_source = counters[kn.T_DRAFTED:kn.T_DRAFTED + len(Source)]
-        stats.accepted_by_source = counters[kn.T_ACC_SRC:kn.T_ACC_SRC + len(Source)]
-        return stats
+        """The counters, brought up to date from the step's record on every read."""
+        read_kernel_counters(self._counters, self._stats)
+        return self._stats
 
     def snapshot(self) -> dict[str, Any]:
         d = self.stats.as_dict()
@@ -513,85 +474,11 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         d["num_speculative_tokens"] = self.k
         d["adaptive"] = self.adaptive
         d["live_requests"] = len(self.states)
-        requests = self._meta[:, kn.M_KIND] == 1
-        d["pool_continuations"] = int(self._meta[requests, kn.M_NCONT].sum())
-        d["pool_keys"] = int(self._meta[requests, kn.M_NKEYS].sum())
+        slots = np.array([h.slot for h in self.states.values()], dtype=np.int64)
+        d["pool_keys"], d["pool_continuations"] = step.pool_sizes(self._state, slots)
         d["pool_bytes"] = self.nbytes()
         d["memory_budget_bytes"] = self.budget_bytes
-        d["memory_evictions"] = self.evictions
         d["shared_tokens"] = len(self.shared)
-        d["prompt_tokens_indexed_in_prefill"] = self.indexed_in_prefill
         d["token_cost_s"] = self.cost.token_cost
         d["step_cost_fit"] = self.cost.theta.tolist()
         return d
-
-
-class SharedStore:
-    """`context_index.SharedCorpus` over the store: one namespace slot (text and index) per
-    namespace, the oldest sequences dropped past the token budget, a namespace's index rebuilt
-    from what it retains once a quarter of its text is stale (the same schedule as the
-    reference, so that both match the same text)."""
-
-    def __init__(self, drafter: LookaheadDrafter, max_tokens: int) -> None:
-        self._d = drafter
-        self.max_tokens = max_tokens
-        self._slots: dict[str | None, int] = {}
-        self._sequences: dict[str | None, deque[np.ndarray]] = {}
-        self._order: deque[str | None] = deque()
-        self.retained = 0
-
-    def __len__(self) -> int:
-        return self.retained
-
-    @property
-    def sequence_bytes(self) -> int:
-        return 4 * self.retained
-
-    def add(self, namespace: str | None, tokens: np.ndarray) -> None:
-        if not len(tokens) or self.max_tokens <= 0:
-            return
-        seq = np.asarray(tokens[-self.max_tokens:], dtype=np.int32)
-        if namespace not in self._slots:
-            slot = self._d._new_slot(2)
-            self._slots[namespace] = slot
-            self._sequences[namespace] = deque()
-            self._d._nsmap[self._d._namespace_id(namespace)] = slot
-        self._sequences[namespace].append(seq)
-        self._order.append(namespace)
-        self.retained += len(seq) + 1
-        self._extend(self._slots[namespace], seq)
-        stale: set[str | None] = set()
-        while self.retained > self.max_tokens:
-            stale.add(self._drop_oldest())
-        for ns in stale:
-            self._rebuild_if_stale(ns)
-
-    def evict_until(self, done: Any) -> None:
-        """Drop the oldest sequences until `done()` (the memory budget)."""
-        while self._order and not done():
-            self._rebuild_if_stale(self._drop_oldest())
-
-    def _drop_oldest(self) -> str | None:
-        oldest = self._order.popleft()
-        self.retained -= len(self._sequences[oldest].popleft()) + 1
-        return oldest
-
-    def _extend(self, slot: int, seq: np.ndarray) -> None:
-        d = self._d
-        kn.extend_text(d._store, d._meta, d._counters, slot, np.append(seq, np.int32(kn.SEP)),
-                       d._tabs)
-
-    def _rebuild_if_stale(self, namespace: str | None) -> None:
-        d = self._d
-        sequences = self._sequences[namespace]
-        kept = sum(len(s) + 1 for s in sequences)
-        slot = self._slots[namespace]
-        if not sequences:
-            del self._slots[namespace], self._sequences[namespace]
-            d._nsmap[d._namespaces[namespace]] = -1
-            d._free_slot(slot)
-        elif d._meta[slot, kn.M_TEXT_LEN] > kept + kept // 4:
-            kn.free_slot(d._store, d._meta, d._counters, slot)
-            d._meta[slot, kn.M_KIND] = 2
-            for seq in sequences:
-                self._extend(slot, seq)

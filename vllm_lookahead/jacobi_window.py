@@ -1,4 +1,4 @@
-"""One request's Jacobi state: guesses for the positions after its committed tokens.
+"""One request's Jacobi state: guesses for the positions after its committed tokens (compiled).
 
 Notation for one verification step: `base` is the number of committed tokens before the step, the
 chain `d[0..n)` sat at token indices `base .. base+n`, and `y[j]` is the target's greedy prediction
@@ -13,137 +13,203 @@ model actually extended token by token, so the n-gram harvested at `y[j]` is
 `lineage(d[j-1]) + d[j-1] + y[j]`. For inputs that were not guesses (pool candidates, padding,
 committed tokens) the lineage is simply the inputs before them. Only positions past the first
 rejection are harvested here: earlier ones are committed output, which the pool gets anyway.
+
+Stop tokens are poor guesses (the chain after one is never reached), so LADE's padding replaces
+them: prompt tokens drawn by a seeded SplitMix64 generator (`fill_token`), which also pads chains
+past what every source proposes. The plain-Python specification is
+`reference.jacobi_window.JacobiWindow`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import zlib
-
 import numpy as np
+from numba import types
+from numba.experimental import structref
 
-_EMPTY = np.empty(0, dtype=np.int64)
-_MASK64 = (1 << 64) - 1
+from vllm_lookahead.compiled import (
+    I32,
+    I32_2D,
+    U8,
+    RecordType,
+    borrowed,
+    define_record,
+    kernel,
+    replaced,
+    zeros,
+)
 
-
-def splitmix64(state: int) -> tuple[int, int]:
-    """One step of SplitMix64: `(next state, 64-bit output)`. A counter-based generator that
-    compiled code reproduces bit for bit, so every implementation of the drafter pads alike."""
-    state = (state + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return state, z ^ (z >> 31)
-
-
-@dataclasses.dataclass
-class Harvest:
-    """Trajectory n-grams in the form `NGramPool.add` takes: continuation `conts[i]` belongs under
-    the keys of `seq` that end at `starts[i]` (-1 marks context that does not exist)."""
-
-    seq: np.ndarray
-    starts: np.ndarray
-    conts: np.ndarray
+MISSING = -1
+"""A lineage token that does not exist (before the text's start, or after a replaced guess)."""
 
 
-class JacobiWindow:
-    def __init__(self, ngram_size: int, max_key_len: int, seed: int,
-                 fill_tokens: np.ndarray, stop_token_ids: frozenset[int]) -> None:
-        self.ngram_size = ngram_size
-        self.max_key_len = max_key_len
-        # Tokens before a guess along its diagonal: the n-gram head plus the longest key's context.
-        self.lineage_len = ngram_size - 2 + max_key_len - 1
-        self.stop_token_ids = np.array(sorted(stop_token_ids), dtype=np.int64)
-        # Padding tokens are drawn from the prompt, as LADE does; stop tokens would end the chain.
-        fill = fill_tokens[~np.isin(fill_tokens, self.stop_token_ids)]
-        self._fill_tokens = fill.astype(np.int64)
-        # Seeded by the prompt as well, so runs are reproducible whatever vLLM's request ids are.
-        self._rng_state = (seed * 0x100000001B3 + zlib.crc32(fill_tokens.tobytes())) & _MASK64
-        self.anchor = 0
-        self.guesses = _EMPTY
-        self._lineage = np.empty((0, self.lineage_len), dtype=np.int64)
-        self._issued: dict[int, list[int]] = {}
+class JacobiWindowType(RecordType):
+    pass
 
-    def guesses_from(self, index: int) -> np.ndarray:
-        """Guesses for token indices `index, index+1, ...` (empty if none are known)."""
-        offset = index - self.anchor
-        if offset < 0:
-            return _EMPTY
-        return self.guesses[offset:]
 
-    def issue(self, index: int, chain: list[int]) -> None:
-        """Remember which tokens of the next chain (placed from token index `index`) are the
-        current guesses for their positions, whatever proposed them, so that `observe` can
-        follow their diagonals: the model predicted such a token along its lineage."""
-        offset = index - self.anchor
-        guesses = self.guesses.tolist()[max(offset, 0):]
-        start = max(-offset, 0)
-        self._issued = {pos: self._lineage[offset + pos].tolist()
-                        for pos in range(start, min(len(chain), start + len(guesses)))
-                        if chain[pos] == guesses[pos - start]}
+class JacobiWindow(structref.StructRefProxy):
+    """One request's Jacobi iterate (a compiled record; see the module docstring)."""
 
-    def reset(self) -> None:
-        self.guesses = _EMPTY
-        self._issued = {}
 
-    def random_fill(self, n: int) -> np.ndarray:
-        """`n` prompt tokens chosen by the seeded generator, the Jacobi starting point."""
-        if n <= 0 or len(self._fill_tokens) == 0:
-            return _EMPTY
-        out = np.empty(n, dtype=np.int64)
-        state, size = self._rng_state, len(self._fill_tokens)
-        for i in range(n):
-            state, value = splitmix64(state)
-            out[i] = self._fill_tokens[value % size]
-        self._rng_state = state
-        return out
+JACOBI_WINDOW = define_record(JacobiWindowType, JacobiWindow, [
+    ("guesses", I32),  # guesses[i]: the guess for token index anchor + i
+    ("guess_lineage", I32_2D),  # the tokens before each guess along its diagonal
+    ("num_guesses", types.int64),
+    ("anchor", types.int64),
+    ("issued", U8),  # per chain position: it holds the current guess for its index ...
+    ("issued_lineage", I32_2D),  # ... whose lineage is this
+    ("lineage_len", types.int64),
+    ("rng", types.uint64),  # SplitMix64 state of the padding
+    ("fill", I32),  # the prompt's tokens that pad (stop tokens excluded)
+    ("stops", I32),  # the request's stop tokens
+])
 
-    def observe(self, context: np.ndarray, base: int, drafts: np.ndarray, argmax: np.ndarray,
-                accepted: int) -> Harvest:
-        """Take one verification step's predictions: keep the Jacobi iterate, return its n-grams.
 
-        `context` holds at least the `base` tokens committed before the step; `drafts` and `argmax`
-        have one entry per chain position; `accepted` drafts were accepted.
-        """
-        # Python lists, not arrays: a chain is a few tokens, where numpy's call overhead dominates.
-        d, y = drafts.tolist(), argmax.tolist()
-        lineages = self._lineages(context, base, d)
-        # The n-gram ending in prediction y[j]: the lineage of input d[j-1], d[j-1], y[j].
-        rows = [[*lineages[j - 1], d[j - 1], y[j]] for j in range(accepted + 1, len(d))]
-        width = self.lineage_len + 2
-        grid = np.array(rows, dtype=np.int64).reshape(len(rows), width)
-        self.guesses, self._lineage = self._without_stop_tokens(grid[:, -1], grid[:, 1:-1])
-        self.anchor = base + accepted + 1
-        self._issued = {}
-        # An n-gram needs all of its N tokens; only the key's extra context may be missing.
-        grid = grid[(grid[:, self.max_key_len - 1:] >= 0).all(axis=1)]
-        return Harvest(seq=grid.ravel(),
-                       starts=np.arange(len(grid)) * width + self.max_key_len - 1,
-                       conts=grid[:, self.max_key_len:])
+@kernel
+def new_window(memory: np.ndarray, positions: int, lineage_len: int, fill: np.ndarray,
+               stops: np.ndarray, seed: np.uint64) -> JacobiWindow:
+    """A window for chains of up to `positions` tokens, padded from `fill`."""
+    window = structref.new(JACOBI_WINDOW)
+    window.guesses = zeros(memory, np.zeros(0, dtype=np.int32), positions)
+    window.guess_lineage = zeros(memory, np.zeros((0, lineage_len), dtype=np.int32), positions)
+    window.issued = zeros(memory, np.zeros(0, dtype=np.uint8), positions)
+    window.issued_lineage = zeros(memory, window.guess_lineage, positions)
+    window.fill = zeros(memory, window.guesses, fill.shape[0])
+    window.fill[:] = fill
+    window.stops = zeros(memory, window.guesses, stops.shape[0])
+    window.stops[:] = stops
+    window.num_guesses = 0
+    window.anchor = 0
+    window.lineage_len = lineage_len
+    window.rng = seed
+    return window
 
-    def _lineages(self, context: np.ndarray, base: int, drafts: list[int]) -> list[list[int]]:
-        """For every chain input, the `lineage_len` tokens that precede it along its diagonal."""
-        span = self.lineage_len
-        lo = max(0, base - span)
-        inputs = [-1] * (span - (base - lo)) + context[lo:base].tolist() + drafts
-        causal = [inputs[i:i + span] for i in range(len(drafts))]
-        # The scheduler may have cut the chain, even before the first guess; a guess it kept is
-        # at its issued position.
-        for pos, lineage in self._issued.items():
-            if pos < len(drafts):
-                causal[pos] = lineage
-        return causal
 
-    def _without_stop_tokens(self, guesses: np.ndarray,
-                             lineage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        stops = np.isin(guesses, self.stop_token_ids)
-        if not stops.any():
-            return guesses, lineage
-        # A stop token is a poor guess (the chain after it is never reached); LADE replaces it.
-        replacement = self.random_fill(int(stops.sum()))
-        if len(replacement) == 0:
-            cut = int(np.argmax(stops))
-            return guesses[:cut], lineage[:cut]
-        guesses, lineage = guesses.copy(), lineage.copy()
-        guesses[stops] = replacement
-        lineage[stops] = -1
-        return guesses, lineage
+@kernel
+def nbytes(window: JacobiWindow) -> int:
+    return (window.guesses.nbytes + window.guess_lineage.nbytes + window.issued.nbytes
+            + window.issued_lineage.nbytes + window.fill.nbytes + window.stops.nbytes)
+
+
+@kernel
+def free(memory: np.ndarray, window: JacobiWindow) -> None:
+    """Release every array (the window is not used again)."""
+    window.guesses = replaced(memory, window.guesses, 0)
+    window.guess_lineage = replaced(memory, window.guess_lineage, 0)
+    window.issued = replaced(memory, window.issued, 0)
+    window.issued_lineage = replaced(memory, window.issued_lineage, 0)
+    window.fill = replaced(memory, window.fill, 0)
+    window.stops = replaced(memory, window.stops, 0)
+    window.num_guesses = 0
+
+
+@kernel(inline=True)
+def _splitmix64(state: np.uint64) -> tuple[np.uint64, np.uint64]:
+    """One step of SplitMix64: (next state, 64-bit output)."""
+    state = state + np.uint64(0x9E3779B97F4A7C15)
+    z = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return state, z ^ (z >> np.uint64(31))
+
+
+@kernel(inline=True)
+def can_pad(window: JacobiWindow) -> bool:
+    return window.fill.shape[0] > 0
+
+
+@kernel(inline=True)
+def fill_token(window: JacobiWindow) -> int:
+    """The next padding token (callers check `can_pad`)."""
+    state, value = _splitmix64(window.rng)
+    window.rng = state
+    fill = borrowed(window.fill)
+    return fill[np.int64(value % np.uint64(fill.shape[0]))]
+
+
+@kernel(inline=True)
+def _is_stop(window: JacobiWindow, token: int) -> bool:
+    stops = borrowed(window.stops)
+    for i in range(stops.shape[0]):  # noqa: SIM110 (numba compiles loops, not generators)
+        if stops[i] == token:
+            return True
+    return False
+
+
+@kernel(inline=True)
+def guess_for(window: JacobiWindow, index: int, position: int) -> int:
+    """The guess for chain position `position` of a chain placed from token index `index`, or
+    MISSING."""
+    offset = index - window.anchor
+    if offset < 0 or position >= window.num_guesses - offset:
+        return MISSING
+    return borrowed(window.guesses)[offset + position]
+
+
+@kernel
+def reset(window: JacobiWindow) -> None:
+    """The committed tokens changed under the window (a rollback): its guesses are void."""
+    window.num_guesses = 0
+    window.issued[:] = 0
+
+
+@kernel
+def observe(window: JacobiWindow, tokens: np.ndarray, base: int, drafts: np.ndarray,
+            predictions: np.ndarray, accepted: int, grid: np.ndarray) -> int:
+    """Take one verification step's predictions: keep the Jacobi iterate, and write one row per
+    prediction past the first rejection into `grid` (its lineage, its input, the prediction)
+    for the pool; returns the rows. `tokens` holds at least the `base` tokens committed before
+    the step."""
+    span = window.lineage_len
+    issued, issued_lineage = borrowed(window.issued), borrowed(window.issued_lineage)
+    guesses, guess_lineage = borrowed(window.guesses), borrowed(window.guess_lineage)
+    rows = max(drafts.shape[0] - accepted - 1, 0)
+    for r in range(rows):
+        j = accepted + 1 + r
+        i = j - 1  # the input whose lineage is followed
+        if issued[i] != 0:
+            for m in range(span):
+                grid[r, m] = issued_lineage[i, m]
+        else:
+            for m in range(span):
+                p = i + m  # position in [padding] + tokens[base-span:base] + drafts
+                if p < span:
+                    q = base - span + p
+                    grid[r, m] = tokens[q] if q >= 0 else MISSING
+                else:
+                    grid[r, m] = drafts[p - span]
+        grid[r, span] = drafts[j - 1]
+        grid[r, span + 1] = predictions[j]
+    kept = rows
+    for r in range(rows):
+        guess = grid[r, span + 1]
+        stop = _is_stop(window, guess)
+        if stop and not can_pad(window):
+            kept = r
+            break
+        if stop:
+            guesses[r] = fill_token(window)
+            guess_lineage[r, :] = MISSING
+        else:
+            guesses[r] = guess
+            for m in range(span):
+                guess_lineage[r, m] = grid[r, 1 + m]
+    window.num_guesses = kept
+    window.anchor = base + accepted + 1
+    issued[:] = 0
+    return rows
+
+
+@kernel
+def issue(window: JacobiWindow, index: int, chain: np.ndarray, n: int) -> None:
+    """Remember which tokens of the next chain (`chain[:n]`, placed from token index `index`)
+    are the current guesses for their positions, whatever proposed them, so that `observe` can
+    follow their diagonals."""
+    issued, guesses = borrowed(window.issued), borrowed(window.guesses)
+    issued[:] = 0
+    offset = index - window.anchor
+    available = window.num_guesses - max(offset, 0)
+    start = max(-offset, 0)
+    for pos in range(start, min(n, start + max(available, 0))):
+        gi = pos - start + max(offset, 0)
+        if chain[pos] == guesses[gi]:
+            issued[pos] = 1
+            window.issued_lineage[pos, :] = window.guess_lineage[gi, :]

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_lookahead import counters
 from vllm_lookahead.log import get_logger
 
 logger = get_logger(__name__)
@@ -62,34 +63,12 @@ LABELS = ("model_name", "engine")
 META = "meta"
 CHAIN_LENGTHS = "chain_length_counts"
 
-# snapshot key -> (metric name without prefix, help). Totals since the engine started.
+# snapshot key -> (metric name without prefix, help), from the counters' one declaration.
 COUNTERS: dict[str, tuple[str, str]] = {
-    "steps": ("steps", "Engine steps the lookahead proposer ran in."),
-    "chains": ("chains", "Draft chains proposed (one per request per step with drafts)."),
-    "verified_chains": ("verified_chains", "Draft chains verified by the target model."),
-    "verified_tokens": ("verified_tokens",
-                        "Draft tokens verified by the target model (vLLM's "
-                        "spec_decode_num_draft_tokens)."),
-    "trajectory_ngrams": ("trajectory_ngrams",
-                          "n-grams harvested from the Jacobi trajectory into the pool."),
-    "resyncs": ("resyncs", "Times a request's state was rebuilt from its committed tokens."),
-    "cut_tokens": ("cut_tokens", "Candidate draft tokens the adaptive cut left out (not worth "
-                                 "verifying)."),
-    "memory_evictions": ("memory_evictions",
-                         "Evictions that kept the drafter within its memory budget."),
-    "propose_seconds": ("proposer_seconds", "Seconds spent in the lookahead proposer."),
-    "prompt_tokens_indexed_in_prefill": ("prefill_indexed_tokens",
-                                         "Prompt tokens indexed in the steps that prefilled them "
-                                         "(the rest is indexed at a request's first sample)."),
-}
+    c.name: (c.metric, c.help) for c in counters.COUNTERS if c.metric and not c.by_source}
 # snapshot key (a {source: count} dict) -> (metric name, help); label `source`.
-BY_SOURCE: dict[str, tuple[str, str, str]] = {
-    "drafted_by_source": ("draft_tokens", "draft_tokens",
-                          "Draft tokens proposed, by what filled them."),
-    "accepted_by_source": ("accepted_tokens", "accepted_tokens",
-                           "Draft tokens accepted, by what filled them (sums to vLLM's "
-                           "spec_decode_num_accepted_tokens)."),
-}
+BY_SOURCE: dict[str, tuple[str, str]] = {
+    c.name: (c.metric, c.help) for c in counters.COUNTERS if c.metric and c.by_source}
 GAUGES: dict[str, tuple[str, str]] = {
     "live_requests": ("live_requests", "Requests with lookahead state in the worker."),
     "pool_continuations": ("pool_continuations", "n-gram continuations held in the pools."),
@@ -104,7 +83,7 @@ GAUGES: dict[str, tuple[str, str]] = {
 }
 # Totals that the by-source counters above split (exported as source="all" only if the split is
 # missing from a snapshot).
-TOTALS = {"draft_tokens": "drafted_by_source", "accepted_tokens": "accepted_by_source"}
+TOTALS = {c.total_of: c.name for c in counters.COUNTERS if c.total_of}
 # Keys that are not metrics of their own (labels, config, the histogram's raw counts, ...).
 _NOT_METRICS = {"config", "adaptive", "step_cost_fit", META, CHAIN_LENGTHS}
 _KNOWN_NAMES = {name for name, *_ in (*COUNTERS.values(), *BY_SOURCE.values(), *GAUGES.values())}
@@ -308,14 +287,14 @@ def metric_families(snapshots: Iterable[Mapping[str, Any]]) -> list[Any]:
                 name, doc = COUNTERS[key]
                 family(CounterMetricFamily, name, doc).add_metric(labels, value)
             elif key in BY_SOURCE and isinstance(value, Mapping):
-                name, _, doc = BY_SOURCE[key]
+                name, doc = BY_SOURCE[key]
                 counter = family(CounterMetricFamily, name, doc, ("source",))
                 for source, count in value.items():
                     if _is_number(count):
                         counter.add_metric([*labels, str(source)], count)
             elif key in TOTALS and _is_number(value):
                 if TOTALS[key] not in snapshot:
-                    name, _, doc = BY_SOURCE[TOTALS[key]]
+                    name, doc = BY_SOURCE[TOTALS[key]]
                     family(CounterMetricFamily, name, doc, ("source",)).add_metric(
                         [*labels, "all"], value)
             elif key in GAUGES and _is_number(value):
@@ -394,7 +373,7 @@ def engine_stats(llm: Any, wait_idle_s: float = 10.0) -> list[dict[str, Any]]:
     engine = getattr(llm, "llm_engine", llm)
     if type(getattr(engine, "engine_core", None)).__name__ == "InprocClient":
         # (Its workers may be other processes, which write files only at their next step.)
-        from vllm_lookahead.vllm_compat import worker_stats
+        from vllm_lookahead.engine_requests import worker_stats
 
         # One snapshot per engine: the first (driver) worker's.
         return [s for s in engine.collective_rpc(worker_stats) if s is not None][:1]

@@ -6,7 +6,8 @@ rewrites `{"method": "lookahead", ...}` into `{"method": "custom_class", "model"
 "vllm_lookahead.proposer.LookaheadProposer", ...}` in `EngineArgs.create_speculative_config`, the
 one funnel for `LLM(speculative_config=...)`, `--speculative-config` and `--spec-method`, and hangs
 the validated lookahead parameters on the resulting config, which travels pickled to every engine
-and worker process (Ray included). Worker-side hooks live in `vllm_compat`.
+and worker process (Ray included). Worker-side hooks live in `runner_hooks`; every vLLM internal
+the plugin touches is declared in `vllm_boundary` and checked before anything is patched.
 
 The same funnel runs in the front-end process (the API server, or the process that builds `LLM`),
 so it also sets up the front-end's part of observability and per-request control: a statistics
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
-from vllm_lookahead import metrics
+from vllm_lookahead import metrics, vllm_boundary
 from vllm_lookahead.config import (
     METHOD,
     PARAMS_ENV,
@@ -36,10 +38,10 @@ from vllm_lookahead.config import (
     translate_speculative_config,
 )
 from vllm_lookahead.log import get_logger
+from vllm_lookahead.vllm_boundary import Side
 
 logger = get_logger(__name__)
 
-_MARK = "_vllm_lookahead_hook"
 PARAMS_ATTR = "lookahead_params"
 _STATS_DIR_OF_ARGS = "_lookahead_stats_dir"
 
@@ -58,35 +60,75 @@ class LookaheadRequestError(VLLMValidationError, LookaheadConfigError):
         return str(self.args[0])
 
 
+CREATE_SPEC = "vllm.engine.arg_utils.EngineArgs.create_speculative_config"
+ADD_CLI_ARGS = "vllm.engine.arg_utils.EngineArgs.add_cli_args"
+VALIDATE_PARAMS = "vllm.v1.engine.input_processor.InputProcessor._validate_params"
+
+
 def register() -> None:
     """Entry point; vLLM calls it in every process, possibly more than once (in a worker, just
-    before vLLM scans the loaded modules for its kernel overrides)."""
-    from vllm.engine.arg_utils import EngineArgs
+    before vLLM scans the loaded modules for its kernel overrides). Checks the vLLM version and
+    every front-end target first; on a mismatch it logs one warning and installs only `refusal`
+    (where the funnel itself is intact), so engines without lookahead run untouched."""
+    from vllm_lookahead import cpu_workarounds
 
-    from vllm_lookahead import vllm_compat
+    cpu_workarounds.make_llvmlite_scan_safe()
+    found = vllm_boundary.problems(Side.FRONT_END)
+    refused = vllm_boundary.refusals(found)
+    if refused:
+        message = vllm_boundary.refusal_message(refused)
+        if not _WARNED:
+            logger.warning("%s; engines without lookahead are not affected", message)
+            _WARNED.append(True)
+        if vllm_boundary.problem(vllm_boundary.touchpoint(CREATE_SPEC)) is None:
+            _install_refusal(CREATE_SPEC, message)
+        return
+    vllm_boundary.install(CREATE_SPEC, _translating(vllm_boundary.resolve(CREATE_SPEC)))
+    vllm_boundary.install(ADD_CLI_ARGS,
+                          _with_lookahead_choice(vllm_boundary.resolve(ADD_CLI_ARGS)))
 
-    vllm_compat.make_llvmlite_scan_safe()
 
-    if not getattr(EngineArgs.create_speculative_config, _MARK, False):
-        EngineArgs.create_speculative_config = _translating(EngineArgs.create_speculative_config)
-    add_cli_args = EngineArgs.__dict__["add_cli_args"].__func__
-    if not getattr(add_cli_args, _MARK, False):
-        EngineArgs.add_cli_args = staticmethod(_with_lookahead_choice(add_cli_args))
+_WARNED: list[bool] = []
+
+
+def _install_refusal(target: str, reason: str) -> None:
+    try:
+        original = vllm_boundary.resolve(target)
+    except (LookupError, AttributeError, ImportError):
+        return  # nothing to wrap: vLLM itself refuses the unknown method
+    vllm_boundary.install(target, _refusing(original, reason))
+
+
+def _refusing(original: Callable[..., Any], reason: str) -> Callable[..., Any]:
+    """Only `"method": "lookahead"` is answered, with the reason; everything else goes through
+    untouched."""
+
+    @functools.wraps(original)
+    def create_speculative_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _requested_method(self) == METHOD:
+            raise vllm_boundary.UnsupportedVLLMError(reason)
+        return original(self, *args, **kwargs)
+
+    return create_speculative_config
+
+
+def _requested_method(engine_args: Any) -> Any:
+    return (engine_args.speculative_config or {}).get("method") or engine_args.spec_method
 
 
 def _translating(original: Callable[..., Any]) -> Callable[..., Any]:
-    def create_speculative_config(self: Any, target_model_config: Any,
-                                  target_parallel_config: Any) -> Any:
-        user = self.speculative_config
-        method = (user or {}).get("method") or self.spec_method
-        if method != METHOD:
-            spec = original(self, target_model_config, target_parallel_config)
+    @functools.wraps(original)
+    def create_speculative_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _requested_method(self) != METHOD:
+            spec = original(self, *args, **kwargs)
             if _is_lookahead(spec):  # the zero-patch `custom_class` form
                 _set_up_front_end(self, spec)
             else:
                 metrics.export(None)  # a new engine without lookahead: stop exporting the last
             return spec
-        merged = dict(user or {})
+        # The worker's targets too, before any engine process starts (imports the runner).
+        vllm_boundary.require(Side.WORKER)
+        merged = dict(self.speculative_config or {})
         for key, value in (("method", self.spec_method), ("model", self.spec_model),
                            ("num_speculative_tokens", self.spec_tokens)):
             if value is not None:
@@ -96,7 +138,7 @@ def _translating(original: Callable[..., Any]) -> Callable[..., Any]:
         self.speculative_config, self.spec_method, self.spec_model, self.spec_tokens = (
             spec_dict, None, None, None)
         try:
-            spec = original(self, target_model_config, target_parallel_config)
+            spec = original(self, *args, **kwargs)
         finally:
             # create_engine_config may run twice on the same EngineArgs (the CLI path does).
             self.speculative_config, self.spec_method, self.spec_model, self.spec_tokens = saved
@@ -108,8 +150,6 @@ def _translating(original: Callable[..., Any]) -> Callable[..., Any]:
                     spec_dict["model"], params)
         return spec
 
-    setattr(create_speculative_config, _MARK, True)
-    create_speculative_config.__doc__ = original.__doc__
     return create_speculative_config
 
 
@@ -131,39 +171,23 @@ def _set_up_front_end(engine_args: Any, spec: Any) -> None:
 def install_request_check() -> None:
     """Check each request's lookahead options where vLLM checks its sampling parameters, in the
     front-end, so that a bad option fails that request alone (HTTP 400) before it reaches the
-    engine. Idempotent; a private method, so its signature is checked first."""
-    import inspect
-
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    from vllm_lookahead import vllm_compat
-
-    vllm_compat.check_vllm_version()
-    original = InputProcessor.__dict__.get("_validate_params")
-    if getattr(original, _MARK, False):
-        return
-    expected = ("self", "params", "supported_tasks")
-    if original is None or tuple(inspect.signature(original).parameters)[:3] != expected:
-        raise vllm_compat.UnsupportedVLLMError(
-            f"vllm-lookahead: InputProcessor._validate_params{expected} not found in vLLM "
-            f"{vllm_compat.vllm_version()}; per-request lookahead options cannot be checked")
-
-    InputProcessor._validate_params = _with_request_check(original)
+    engine. Idempotent; its target was checked by `register`."""
+    vllm_boundary.install(VALIDATE_PARAMS,
+                          _with_request_check(vllm_boundary.resolve(VALIDATE_PARAMS)))
 
 
 def _with_request_check(original: Callable[..., Any]) -> Callable[..., Any]:
-    def _validate_params(self: Any, params: Any, supported_tasks: Any) -> Any:
-        result = original(self, params, supported_tasks)
+    @functools.wraps(original)
+    def _validate_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
         spec = getattr(self, "speculative_config", None)
         if _is_lookahead(spec):
+            params = args[0] if args else kwargs["params"]
             # PoolingParams have no extra_args; pooling requests have nothing to check.
             check_request_options(getattr(params, "extra_args", None),
                                   spec.num_speculative_tokens)
         return result
 
-    setattr(_validate_params, _MARK, True)
-    _validate_params.__wrapped__ = original  # type: ignore[attr-defined]
-    _validate_params.__doc__ = original.__doc__
     return _validate_params
 
 
@@ -180,9 +204,6 @@ def check_request_options(extra_args: Any, num_speculative_tokens: int) -> Reque
 def _validated(user: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     from vllm.config import SpeculativeConfig
 
-    from vllm_lookahead import vllm_compat
-
-    vllm_compat.check_vllm_version()
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
         raise LookaheadConfigError(
             "VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's V2 model runner, which has no custom "
@@ -192,6 +213,7 @@ def _validated(user: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 
 
 def _with_lookahead_choice(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
     def add_cli_args(parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
         parser = original(parser, *args, **kwargs)
         for action in parser._actions:
@@ -200,5 +222,4 @@ def _with_lookahead_choice(original: Callable[..., Any]) -> Callable[..., Any]:
                 action.choices = [*action.choices, METHOD]
         return parser
 
-    setattr(add_cli_args, _MARK, True)
     return add_cli_args

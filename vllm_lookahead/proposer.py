@@ -2,9 +2,9 @@
 
 vLLM calls `propose` once per step, after it has committed the step's tokens, with arrays indexed
 by batch row. Rows move between steps, so all state is keyed by request id (in `drafter`); the
-row ↔ id mapping and the verified chain with the target's predictions come from the runner hooks
-in `vllm_compat`, the only module that reads vLLM internals. Imports go one way:
-`proposer` → `vllm_compat` → the algorithm (`drafter`, `ngram_cache`, `jacobi_window`).
+row ↔ id mapping and each request's details come from `engine_requests`, the verified chain with
+the target's predictions from the hooks in `runner_hooks` (both read only the vLLM internals that
+`vllm_boundary` declares).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead import metrics, vllm_compat
+from vllm_lookahead import engine_requests, metrics, runner_hooks, vllm_boundary
 from vllm_lookahead.config import LookaheadConfig, params_from_env
 from vllm_lookahead.drafter import LookaheadDrafter
 from vllm_lookahead.log import get_logger
@@ -35,20 +35,20 @@ class LookaheadProposer:
     """What the runner hooks look for (they do not import this class)."""
 
     def __init__(self, vllm_config: Any) -> None:
-        vllm_compat.install_runner_hooks()
-        vllm_compat.check_synchronous_scheduling(vllm_config)
+        runner_hooks.install()
+        engine_requests.check_synchronous_scheduling(vllm_config)
         spec = vllm_config.speculative_config
         cfg = _config_for(spec)
         adaptive = cfg.adaptive
         if adaptive is None:
-            adaptive = getattr(vllm_config.device_config, "device_type", "") == "cpu"
+            adaptive = vllm_config.device_config.device_type == "cpu"
         self.drafter = LookaheadDrafter(
             cfg, spec.num_speculative_tokens, vllm_config.model_config.max_model_len, adaptive,
-            prefill_chunk=getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None))
+            prefill_chunk=vllm_config.scheduler_config.max_num_batched_tokens)
         # vLLM takes the drafts of one rank only (tensor-parallel rank 0 of the last pipeline
         # stage: take_draft_token_ids replies from the executor's output rank); the others
         # propose empty chains and capture no trajectory, instead of work thrown away.
-        self.drafts_here = vllm_compat.is_reporting_worker()
+        self.drafts_here = engine_requests.is_reporting_worker()
         if self.drafts_here:
             self.drafter.warm_up()  # compiles (or loads) the kernels now, not in the first step
         self._runner: weakref.ReferenceType[Any] | None = None
@@ -68,6 +68,8 @@ class LookaheadProposer:
 
     def bind_runner(self, runner: Any) -> None:
         if self._runner is None or self._runner() is not runner:
+            vllm_boundary.check_attributes("GPUModelRunner", runner)
+            vllm_boundary.check_attributes("InputBatch", runner.input_batch)
             self._runner = weakref.ref(runner)
 
     def set_trajectory(self, trajectory: StepTrajectory | None) -> None:
@@ -86,20 +88,20 @@ class LookaheadProposer:
         if runner is None:
             raise RuntimeError(
                 "vllm-lookahead: propose() was called before the runner hook bound the proposer; "
-                "the hooks in vllm_lookahead.vllm_compat did not run on this vLLM build")
+                "the hooks in vllm_lookahead.runner_hooks did not run on this vLLM build")
         trajectory, self._trajectory = self._trajectory, None
         if not self.drafts_here:
             return [[] for _ in sampled_token_ids]
         # From one propose to the next is one engine step: what the cost model learns from.
         step_seconds = start - self._last_propose if self._last_propose is not None else None
         self._last_propose = start
-        req_ids = vllm_compat.batch_req_ids(runner, len(sampled_token_ids))
+        req_ids = engine_requests.batch_req_ids(runner, len(sampled_token_ids))
         # Positions without a token id (prompt_embeds, multimodal) read as -1, never as stale ids.
-        token_ids = vllm_compat.drafter_token_ids(runner, token_ids_cpu, num_tokens_no_spec,
-                                                  req_ids)
+        token_ids = engine_requests.drafter_token_ids(runner, token_ids_cpu, num_tokens_no_spec,
+                                                      req_ids)
         drafts = self.drafter.draft_batch(
             req_ids, sampled_token_ids, num_tokens_no_spec, token_ids, trajectory,
-            vllm_compat.RunnerRequests(runner), step_seconds)
+            engine_requests.RunnerRequests(runner), step_seconds)
         self.drafter.stats.propose_seconds += time.perf_counter() - start
         self.chain_lengths.observe(drafts)
         self.stats_writer.after_step(self.snapshot)
@@ -126,9 +128,9 @@ def _config_for(spec: Any) -> LookaheadConfig:
 
 def stats_writer(vllm_config: Any) -> metrics.StatsWriter:
     """The writer of this worker's statistics: files only on the engine's reporting worker."""
-    if not vllm_compat.is_reporting_worker():
+    if not engine_requests.is_reporting_worker():
         return metrics.StatsWriter([], {})
-    index = vllm_compat.engine_index(vllm_config)
+    index = engine_requests.engine_index(vllm_config)
     stats_dir = getattr(vllm_config.speculative_config, metrics.STATS_DIR_ATTR, None)
     paths = [metrics.user_stats_path(os.environ.get(metrics.STATS_PATH_ENV, ""))]
     if stats_dir:

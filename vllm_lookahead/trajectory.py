@@ -64,6 +64,10 @@ class RequestInfo:
     `prompt_embeds` or multimodal placeholders); None: every position does."""
     max_new_tokens: int | None = None
     """The most tokens the request may generate (vLLM's `max_tokens`); None: unknown."""
+    seeded: bool = False
+    """The request sets its own `seed`: its drafts then depend on its own tokens and the engine's
+    configuration only (no shared corpus, no learned acceptance, no batch-wide cut), so that it
+    draws the same random numbers, and gets the same tokens, from run to run."""
 
 
 class RequestSource(Protocol):
@@ -95,10 +99,11 @@ class Requests:
     def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
             stop_token_ids: frozenset[int] = frozenset(),
-            max_new_tokens: int | None = None) -> None:
+            max_new_tokens: int | None = None, seeded: bool = False) -> None:
         mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
         self._infos[rid] = RequestInfo(object(), prompt_len, stop_token_ids,
-                                       options or RequestOptions(), greedy, mask, max_new_tokens)
+                                       options or RequestOptions(), greedy, mask, max_new_tokens,
+                                       seeded)
 
     def remove(self, rid: str) -> None:
         del self._infos[rid]

@@ -61,11 +61,11 @@ import importlib.metadata
 
 plugins = [e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")]
 assert "lookahead" in plugins, plugins
-from vllm_lookahead import plugin, vllm_compat
+from vllm_lookahead import plugin, runner_hooks, vllm_boundary
 
 plugin.register()
-vllm_compat.install_runner_hooks()
-print("vllm-lookahead: plugin and hooks installed on vLLM", vllm_compat.vllm_version())
+runner_hooks.install()
+print("vllm-lookahead: plugin and hooks installed on vLLM", vllm_boundary.vllm_version())
 PY
     touch "$SITE/.vllm-lookahead-installed"
 }

@@ -1,5 +1,5 @@
 """The reference drafter: the algorithm in plain Python, kept as the specification that the compiled
-drafter (`drafter.LookaheadDrafter`, `kernels`) must reproduce chain for chain.
+drafter (`drafter.LookaheadDrafter` and its kernels) must reproduce chain for chain.
 
 Per request (keyed by request id) it keeps the request's text indexed for longest-suffix matches,
 the Jacobi window and the pool of trajectory n-grams; per engine, the acceptance model, the step
@@ -16,98 +16,42 @@ the next chains:
 2. **Jacobi guesses** then fill the positions for which no source bids, and seeded prompt tokens
    (LADE's window start) the rest, up to K.
 3. **The cut.** With `adaptive` on (the CPU default), the batch keeps only the draft tokens whose
-   probability of being reached and accepted pays for verifying them (`estimator.cut_chains`);
+   probability of being reached and accepted pays for verifying them (`reference.chain.cut_chains`);
    composing stops once a token's reach is below what the cut could ever keep.
    Off (GPUs), every chain is K tokens, so that CUDA graphs cover the batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.context_index import ContextIndex, SharedCorpus
-from vllm_lookahead.estimator import (
+from vllm_lookahead.acceptance import (
     FILL_FEATURE,
     AcceptanceModel,
-    CostModel,
-    Source,
     copy_primary,
-    cut_chains,
     feature,
     jacobi_primary,
     pool_primary,
 )
-from vllm_lookahead.jacobi_window import JacobiWindow
-from vllm_lookahead.ngram_cache import Candidate, NGramPool
+from vllm_lookahead.chain import INDEPENDENT_REACH_FLOOR
+from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead.counters import LookaheadStats, Source
+from vllm_lookahead.drafter import SWEEP_EVERY_STEPS, BaseDrafter
+from vllm_lookahead.reference.chain import Chain, cut_chains
+from vllm_lookahead.reference.context_index import ContextIndex, SharedCorpus
+from vllm_lookahead.reference.jacobi_window import JacobiWindow
+from vllm_lookahead.reference.ngram_cache import Candidate, NGramPool
+from vllm_lookahead.step_cost import CPU_STEP_COST_PRIOR
 from vllm_lookahead.trajectory import RequestInfo, RequestSource, StepTrajectory
 
-_SWEEP_EVERY_STEPS = 256
 _CONTEXT = 16
 """Tokens of context the sources look at (the longest match order)."""
 # Kinds of source, as bits: a token's support is how many kinds propose it.
 _OWN, _SHARED, _POOL, _JACOBI = 1, 2, 4, 8
 _KINDS = [bin(kinds).count("1") for kinds in range(16)]
-CPU_STEP_COST_PRIOR = (0.04, 0.0005, 0.003)
-"""Seconds per step, per row and per verified token: a small model on a few CPU cores, where the
-forward is compute-bound and a draft token costs at least what a row does (SmolLM2 fp32 on this
-project's 2-core VM, `python -m benchmarks.step_surface`: 42 ms per step at 1 row, 50 at 8, 126 at
-32; fitted 31.5 ms + 0.37 ms per row + 2.1 ms per verified token, the shape of this prior). Only
-the shape counts (the fit scales it to the observed steps), and it is only a
-starting point; the cost model follows what the steps actually take."""
-
-StateT = TypeVar("StateT")
-
-__all__ = ["BaseDrafter", "LookaheadStats", "ReferenceDrafter", "RequestInfo", "RequestSource",
-           "Source"]
-
-
-@dataclasses.dataclass
-class LookaheadStats:
-    steps: int = 0
-    chains: int = 0
-    draft_tokens: int = 0
-    cut_tokens: int = 0
-    """Candidate tokens the cost rule left out."""
-    verified_chains: int = 0
-    verified_tokens: int = 0
-    accepted_tokens: int = 0
-    drafted_by_source: list[int] = dataclasses.field(default_factory=lambda: [0] * len(Source))
-    accepted_by_source: list[int] = dataclasses.field(default_factory=lambda: [0] * len(Source))
-    trajectory_ngrams: int = 0
-    resyncs: int = 0
-    propose_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        names = [s.name.lower() for s in Source]
-        d["drafted_by_source"] = dict(zip(names, self.drafted_by_source, strict=True))
-        d["accepted_by_source"] = dict(zip(names, self.accepted_by_source, strict=True))
-        return d
-
-
-@dataclasses.dataclass
-class Chain:
-    """A chain being composed: tokens with, per token, its source, its acceptance feature and the
-    probability that the chain is accepted up to and including it."""
-
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    sources: list[Source] = dataclasses.field(default_factory=list)
-    features: list[int] = dataclasses.field(default_factory=list)
-    reach: list[float] = dataclasses.field(default_factory=list)
-
-    def push(self, token: int, source: Source, feature: int, p: float) -> None:
-        self.reach.append((self.reach[-1] if self.reach else 1.0) * p)
-        self.tokens.append(token)
-        self.sources.append(source)
-        self.features.append(feature)
-
-    def cut(self, n: int) -> None:
-        del self.tokens[n:], self.sources[n:], self.features[n:], self.reach[n:]
 
 
 class RequestState:
@@ -119,6 +63,8 @@ class RequestState:
         self.acceptance = acceptance
         self.namespace = info.options.namespace
         self.share = info.options.share and cfg.shared_pool_tokens > 0
+        self.independent = info.seeded
+        """Drafts from its own tokens only (no corpus, the prior, kept whole by the cut)."""
         self.prompt = prompt
         """The prompt as drafts may copy it: -1 where there is no real token (or nothing, when
         `pool_from_prompt` is off)."""
@@ -131,30 +77,6 @@ class RequestState:
         self.issued = Chain()
 
 
-class BaseDrafter(Generic[StateT]):
-    """What both drafters are given and keep alike: the settings, the live requests' states by
-    request id and the step cost model; `remove` releases a finished request's state."""
-
-    def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
-                 adaptive: bool = False,
-                 step_cost_prior: tuple[float, float, float] = CPU_STEP_COST_PRIOR) -> None:
-        self.cfg = cfg
-        self.k = num_speculative_tokens
-        self.adaptive = adaptive
-        self.max_model_len = max_model_len
-        self.states: dict[str, StateT] = {}
-        self._cost_prior = step_cost_prior
-        self.cost = CostModel(step_cost_prior)
-
-    def remove(self, req_id: str) -> None:
-        state = self.states.pop(req_id, None)
-        if state is not None:
-            self._release(state)
-
-    def _release(self, state: StateT) -> None:
-        raise NotImplementedError
-
-
 class ReferenceDrafter(BaseDrafter[RequestState]):
     def __init__(self, cfg: LookaheadConfig, num_speculative_tokens: int, max_model_len: int,
                  adaptive: bool = False,
@@ -164,6 +86,8 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         # Sampled requests accept a draft with the target's probability of it, not its argmax:
         # they learn their own acceptance.
         self.acceptance = {True: AcceptanceModel(), False: AcceptanceModel()}
+        self.prior = AcceptanceModel()
+        """What seeded requests draft by: never taught anything."""
         self.shared = SharedCorpus(cfg.shared_pool_tokens)
 
     def draft_batch(self, req_ids: Sequence[str], sampled: Sequence[Sequence[int]],
@@ -199,10 +123,12 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
             # Only steps that verified nothing but these chains: a prefill would skew the fit.
             self.cost.observe(rows, rows + verified, step_seconds)
         floor = self.cost.reach_floor(rows) if self.adaptive else 0.0
-        chains = [None if state is None else self._compose(state, token_ids[row],
-                                                           int(num_tokens[row]), floor)
-                  for row, state in enumerate(states)]
-        self._cut([c for c in chains if c is not None])
+        own_floor = INDEPENDENT_REACH_FLOOR if self.adaptive else 0.0
+        chains = [None if state is None else self._compose(
+            state, token_ids[row], int(num_tokens[row]), own_floor if state.independent else floor)
+            for row, state in enumerate(states)]
+        self._cut([c for c in chains if c is not None],
+                  [state.independent for state in states if state is not None])
         drafts = []
         for req_id, chain in zip(req_ids, chains, strict=True):
             if chain is None:
@@ -210,7 +136,7 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
                 continue
             self._issue(self.states[req_id], chain)
             drafts.append(chain.tokens)
-        if self.stats.steps % _SWEEP_EVERY_STEPS == 0:
+        if self.stats.steps % SWEEP_EVERY_STEPS == 0:
             self._sweep(requests)
         return drafts
 
@@ -233,8 +159,9 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         if not self.cfg.pool_from_prompt:
             # Never copied from (LADE's POOL_FROM_PROMPT off); placeholders keep positions aligned.
             prompt = [-1] * len(prompt)
+        acceptance = self.prior if info.seeded else self.acceptance[info.greedy]
         state = RequestState(self.cfg, info, prompt, fill, info.options.chain_budget(self.k),
-                             self.acceptance[info.greedy])
+                             acceptance)
         state.text.extend(prompt)
         state.num_committed = info.num_prompt_tokens
         state.last_token = int(tokens[info.num_prompt_tokens - 1])
@@ -290,7 +217,8 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         self.stats.accepted_tokens += accepted
         for source in issued.sources[:accepted]:
             self.stats.accepted_by_source[source] += 1
-        state.acceptance.observe(issued.features[:verified], accepted)
+        if not state.independent:
+            state.acceptance.observe(issued.features[:verified], accepted)
 
     def _compose(self, state: RequestState, tokens: np.ndarray, length: int,
                  floor: float = 0.0) -> Chain:
@@ -304,7 +232,8 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
             return chain
         context = tokens[max(0, length - _CONTEXT):length].tolist()
         guesses = state.window.guesses_from(length).tolist()
-        shared = self.shared.index(state.namespace) if state.share else None
+        shared = self.shared.index(state.namespace) if state.share and not state.independent \
+            else None
         run: tuple[Candidate, int] | None = None
         while len(chain.tokens) < budget:
             pos = len(chain.tokens)
@@ -379,10 +308,10 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
                 best = (p, token, source, feat, run_after)
         return best
 
-    def _cut(self, chains: list[Chain]) -> None:
+    def _cut(self, chains: list[Chain], independent: list[bool]) -> None:
         if not self.adaptive:
             return
-        keep = cut_chains([c.reach for c in chains], self.cost)
+        keep = cut_chains([c.reach for c in chains], self.cost, independent)
         for chain, n in zip(chains, keep, strict=True):
             self.stats.cut_tokens += len(chain.tokens) - n
             chain.cut(n)
