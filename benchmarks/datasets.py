@@ -420,6 +420,74 @@ EXTRA_SETS: dict[str, PromptSet] = {
 PROMPT_SETS: dict[str, PromptSet] = _DEFAULT_PROMPT_SETS | EXTRA_SETS
 
 
+# --- a user's own prompts --------------------------------------------------------------------
+
+PROMPT_FILE_SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A user's prompts in the format of vLLM's `custom` benchmark dataset (`vllm bench serve
+    --dataset-name custom`): JSON lines, each an object with a string "prompt" and optionally
+    "output_tokens"; other fields are ignored, as vLLM ignores them."""
+
+    name: str
+    """The file's stem: the prompt set's name in the harness's tables."""
+    prompts: list[str]
+    output_tokens: list[int | None]
+    """Per prompt, its "output_tokens" if the line gives one."""
+
+
+def read_prompt_file(path: Path) -> PromptFile:
+    """The prompts of a `custom`-dataset file, in file order; ValueError says what is wrong and
+    on which line."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    # vLLM's custom dataset reads only this suffix; refusing others here keeps a file that the
+    # harness accepts usable with `vllm bench serve` as well.
+    if path.suffix != PROMPT_FILE_SUFFIX:
+        raise ValueError(f"{path}: must be a JSON-lines file named *{PROMPT_FILE_SUFFIX}, as "
+                         "vLLM's custom dataset reads")
+    prompts: list[str] = []
+    output_tokens: list[int | None] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        prompt, tokens = _prompt_line(line, f"{path}:{number}")
+        prompts.append(prompt)
+        output_tokens.append(tokens)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return PromptFile(path.stem, prompts, output_tokens)
+
+
+def _prompt_line(line: str, where: str) -> tuple[str, int | None]:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: a line must be a JSON object with a \"prompt\"")
+    if "prompt" not in item:
+        raise ValueError(f"{where}: no \"prompt\" field")
+    if not isinstance(item["prompt"], str):
+        raise ValueError(f"{where}: \"prompt\" must be a string")
+    return item["prompt"], _output_tokens(item.get("output_tokens"), where)
+
+
+def _output_tokens(value: Any, where: str) -> int | None:
+    """vLLM takes int(value); a bool, a fraction or a count below 1 is a mistake in the file."""
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        count = 0
+    if isinstance(value, bool) or count < 1 or count != float(value):
+        raise ValueError(f"{where}: \"output_tokens\" must be a positive integer, not {value!r}")
+    return count
+
+
 def _cache_folder(spec: PromptSet, root: Path) -> Path:
     return root / "datasets" / spec.requirement.replace("==", "-")
 

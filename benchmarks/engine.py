@@ -38,11 +38,9 @@ _WARMUP_TOKENS = 16
 
 
 def configure_env(device: str = "cpu", kv_cache_gib: int = 4) -> None:
-    """Quiet logs, a KV cache size on CPU, and RPC pickling for `worker_stats`; call before vLLM
-    is imported. Explicit settings in the environment win."""
+    """Quiet logs and a KV cache size on CPU; call before vLLM is imported. Explicit settings in
+    the environment win."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    # collective_rpc(worker_stats) ships a function to the worker: vLLM pickles it only on opt-in.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     # Engine processes are spawned, so they read this at start; the filter below covers this one.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -340,11 +338,7 @@ def read_counters(eng: Engine) -> Counters:
         return metric.value if isinstance(metric, Counter) else 0
 
     per_pos = spec.get("num_accepted_tokens_per_pos")
-    proposer = None
-    if eng.lookahead:
-        from vllm_lookahead.vllm_compat import worker_stats
-
-        (proposer,) = eng.llm.collective_rpc(worker_stats)
+    proposer = proposer_stats(eng.llm) if eng.lookahead else None
     return Counters(
         drafts=count("num_drafts"),
         draft_tokens=count("num_draft_tokens"),
@@ -352,6 +346,20 @@ def read_counters(eng: Engine) -> Counters:
         accepted_per_pos=tuple(per_pos.values) if isinstance(per_pos, Vector) else (),
         proposer=proposer,
     )
+
+
+def proposer_stats(llm: LLM) -> dict[str, Any] | None:
+    """The lookahead proposer's counters, read from the stats file its worker writes: no RPC, so
+    the engine needs no VLLM_ALLOW_INSECURE_SERIALIZATION. Called between measurements, when the
+    engine is idle and the file holds its exact totals."""
+    from vllm_lookahead import engine_stats
+    from vllm_lookahead.metrics import META
+
+    snapshots = engine_stats(llm)
+    if not snapshots:
+        return None
+    # The file's own bookkeeping (writer, time) is no counter and must not enter the deltas.
+    return {key: value for key, value in snapshots[0].items() if key != META}
 
 
 def _combine(mine: Mapping[str, Any], other: Mapping[str, Any] | None,

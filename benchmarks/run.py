@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --datasets mtbench,gsm8k,related --num-prompts 4 \\
         --concurrency 1,8,32 --max-tokens 64 --out benchmarks/results/NAME
+    python -m benchmarks.run --prompts my-prompts.jsonl --concurrency 1,8 ...   # your prompts
     python -m benchmarks.run --plan ...     # prompts per cell and a time estimate; no engine
     python -m benchmarks.run --quick        # smoke test of the harness (tiny model; not timed)
 
@@ -51,7 +52,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from benchmarks import engine as eng
-from benchmarks.datasets import DEFAULT_SETS, EXTRA_SETS, PROMPT_SETS, Prompt, chat_template
+from benchmarks.datasets import (
+    DEFAULT_SETS,
+    EXTRA_SETS,
+    PROMPT_SETS,
+    Prompt,
+    chat_template,
+    read_prompt_file,
+)
 from benchmarks.datasets import load_prompts as load_texts
 from benchmarks.labels import ALL_DATASETS, BASELINE
 from benchmarks.models import DEFAULT_MODEL
@@ -322,9 +330,38 @@ def plan_prompts(datasets: Sequence[str], sizes: Mapping[int, int], reuse: bool 
         try:
             plan[name] = slice_prompts(load(name, prompts_needed(sizes, reuse)), sizes, reuse)
         except ValueError as e:
-            raise SystemExit(f"--num-prompts: {name}: {e} "
-                             f"({' + '.join(f'{n} at c={c}' for c, n in sizes.items())})"
-                             ) from None
+            raise SystemExit(f"--num-prompts: {name}: {e} ({sizes_text(sizes)})") from None
+    return _no_repeats(plan, reuse)
+
+
+RESERVED_SET_NAMES = frozenset({ALL_DATASETS, *RELATED_SETS})
+"""Names the report gives a meaning of its own: a prompt file may not be named after them."""
+
+
+def plan_file_prompts(path: Path, sizes: Mapping[int, int], reuse: bool = False
+                      ) -> dict[str, dict[int, list[Prompt]]]:
+    """A user's prompt file (vLLM's `custom` dataset format) as the plan's one set, named after
+    the file and sliced per concurrency like the built-in sets."""
+    try:
+        found = read_prompt_file(path)
+    except ValueError as e:
+        raise SystemExit(f"--prompts: {e}") from None
+    if found.name in RESERVED_SET_NAMES:
+        raise SystemExit(f"--prompts {path}: the report reserves the name {found.name!r} "
+                         "(from the file's name); rename the file")
+    try:
+        plan = {found.name: slice_prompts(found.prompts, sizes, reuse)}
+    except ValueError as e:
+        raise SystemExit(f"--prompts {path}: {e} ({sizes_text(sizes)}); add prompts, or ask "
+                         "for fewer with --num-prompts or --concurrency") from None
+    return _no_repeats(plan, reuse)
+
+
+def sizes_text(sizes: Mapping[int, int]) -> str:
+    return " + ".join(f"{n} at c={c}" for c, n in sizes.items())
+
+
+def _no_repeats(plan: dict[str, dict[int, list[T]]], reuse: bool) -> dict[str, dict[int, list[T]]]:
     if not reuse and (repeated := repeated_prompts(plan)):
         raise SystemExit(f"prompts that would be submitted twice to one engine: {repeated[:3]}")
     return plan
@@ -622,9 +659,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a benchmark model, '{eng.TINY_MODEL}' or a Hugging Face folder "
                              "(%(default)s)")
-    parser.add_argument("--datasets", default=DEFAULT_DATASETS,
-                        help="(%(default)s); also, only when named: "
+    parser.add_argument("--datasets", default=None,
+                        help=f"({DEFAULT_DATASETS}); also, only when named: "
                              f"{','.join(EXTRA_SETS)}, kinds that rework text the prompt holds")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE.jsonl",
+                        help="your own prompts instead of the built-in sets, in the format of "
+                             "vLLM's custom dataset (`vllm bench serve --dataset-name custom`): "
+                             'a JSON object per line with a "prompt" (a user message, sent in '
+                             "the model's chat template); one set named after the file, sliced "
+                             'per concurrency like the others. A line\'s "output_tokens" is '
+                             "checked but --max-tokens applies to every prompt, as vLLM's "
+                             "--custom-output-len does unless it is -1")
     parser.add_argument("--num-prompts", default="4",
                         help="prompts per set in each cell: N is at least N, raised to c at "
                              "concurrency c; or per concurrency, e.g. 1:4,8:16,32:32. Each "
@@ -671,12 +716,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "and exit")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test of the harness: tiny model, 2 prompts each of mtbench "
-                             "and related per cell, 16 tokens, c=1,2, none and lookahead; "
-                             "timings mean nothing")
+                             "and related (or of --prompts FILE) per cell, 16 tokens, c=1,2, "
+                             "none and lookahead; timings mean nothing")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.prompts is not None and args.datasets is not None:
+        parser.error("--prompts replaces the built-in sets: give --prompts or --datasets")
+    if args.datasets is None:
+        args.datasets = DEFAULT_DATASETS
     if args.quick:
-        vars(args).update(QUICK)
+        # A quick run on a prompt file keeps the file: a smoke test of the user's own prompts.
+        vars(args).update({k: v for k, v in QUICK.items()
+                           if not (k == "datasets" and args.prompts is not None)})
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
     try:
@@ -723,8 +774,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       unavailable=unavailable_methods(args.device),
                                       reuse_prompts=args.reuse_prompts)
     sizes = cell_sizes(args.concurrency, args.num_prompts)
-    texts = plan_prompts([d.strip() for d in args.datasets.split(",") if d.strip()], sizes,
-                         args.reuse_prompts)
+    if args.prompts is not None:
+        texts = plan_file_prompts(args.prompts, sizes, args.reuse_prompts)
+    else:
+        texts = plan_prompts([d.strip() for d in args.datasets.split(",") if d.strip()], sizes,
+                             args.reuse_prompts)
     estimate = estimate_run_s(args.model, args.dtype, sizes, len(texts), args.max_tokens,
                               args.rounds * len(methods))
     for line in describe_plan(methods, skipped, texts, estimate, args.reuse_prompts,
@@ -802,6 +856,7 @@ def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
         "prompts": {name: {str(c): len(p) for c, p in by_c.items()}
                     for name, by_c in plan.items()},
         "pooled_datasets": [d for d in plan if d not in RELATED_SETS],
+        "prompt_file": str(args.prompts) if args.prompts is not None else None,
         "max_model_len": cfg.max_model_len, "quick": args.quick,
         "vllm": vllm.__version__, "host": platform.node(),
         "command": " ".join(["python -m benchmarks.run", *args.argv]),

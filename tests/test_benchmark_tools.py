@@ -3,7 +3,12 @@ drafter cost benchmark, and the harness's plan (methods, prompts per cell, the r
 progress, estimates, pooled rows and the report)."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 from random import Random
 
 import pytest
@@ -51,10 +56,10 @@ def test_the_toy_language_is_the_same_whatever_order_it_is_asked_in():
 
 
 def test_proposer_cost_breakdown_splits_the_compiled_drafters_time():
-    kernel_step = proposer_cost.kernels.step
+    kernel_step = proposer_cost.step.step
     split = proposer_cost.run(batch=3, tokens=60, breakdown=True)
     assert 0 < split.kernel_spent < split.spent
-    assert proposer_cost.kernels.step is kernel_step  # the timer is taken off again
+    assert proposer_cost.step.step is kernel_step  # the timer is taken off again
     assert proposer_cost.run(batch=3, tokens=60, drafter="reference",
                              breakdown=True).kernel_spent is None
 
@@ -369,3 +374,238 @@ def test_lookahead_figures_keep_the_step_cost_fit_of_the_last_sample():
     # Results written before the fit was recorded have no such key.
     old = {**row, "lookahead": {k: v for k, v in figures.items() if k != "step_cost_fit_ms"}}
     assert "| 4 | - | 3/5 |" in "\n".join(report._lookahead([old]))
+
+
+# --- your own prompts (`benchmarks.run --prompts`, vLLM's custom dataset format) -------------
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def test_a_prompt_file_reads_as_vllms_custom_dataset_reads_it(tmp_path):
+    path = _jsonl(tmp_path / "mine.jsonl", [
+        '{"prompt": "What is the capital of India?", "output_tokens": 10}',
+        "",  # blank lines are skipped
+        '{"prompt": "Name a river.", "id": 7}',  # other fields are ignored, as vLLM does
+        '{"prompt": "Count to three.", "output_tokens": "12"}',
+    ])
+    found = datasets.read_prompt_file(path)
+    assert found.name == "mine"
+    assert found.prompts == ["What is the capital of India?", "Name a river.", "Count to three."]
+    assert found.output_tokens == [10, None, 12]
+
+
+@pytest.mark.parametrize(("name", "lines", "message"), [
+    ("mine.jsonl", ['{"prompt": "a"}', '{"text": "b"}'], r"mine\.jsonl:2: no \"prompt\" field"),
+    ("mine.jsonl", ['{"prompt": ["a"]}'], r":1: \"prompt\" must be a string"),
+    ("mine.jsonl", ['{"prompt": "a"', ], r":1: not JSON"),
+    ("mine.jsonl", ['["a"]'], r":1: a line must be a JSON object"),
+    ("mine.jsonl", ['{"prompt": "a", "output_tokens": 2.5}'], r"positive integer, not 2\.5"),
+    ("mine.jsonl", ['{"prompt": "a", "output_tokens": 0}'], r"positive integer, not 0"),
+    ("mine.jsonl", ["", " "], r"mine\.jsonl: no prompts"),
+    ("mine.json", ['{"prompt": "a"}'], r"named \*\.jsonl"),
+])
+def test_a_bad_prompt_file_is_refused_with_its_line(tmp_path, name, lines, message):
+    with pytest.raises(ValueError, match=message):
+        datasets.read_prompt_file(_jsonl(tmp_path / name, lines))
+
+
+def test_a_prompt_file_is_one_set_named_after_it_and_sliced_per_concurrency(tmp_path):
+    path = _jsonl(tmp_path / "support-tickets.jsonl",
+                  [f'{{"prompt": "ticket {i}"}}' for i in range(6)])
+    plan = run.plan_file_prompts(path, {1: 2, 4: 4})
+    assert plan == {"support-tickets": {1: ["ticket 0", "ticket 1"],
+                                        4: ["ticket 2", "ticket 3", "ticket 4", "ticket 5"]}}
+    with pytest.raises(SystemExit, match=r"6 prompts, the cells need 10 \(2 at c=1 \+ 8 at c=8\); "
+                                         r"add prompts, or ask for fewer"):
+        run.plan_file_prompts(path, {1: 2, 8: 8})
+    with pytest.raises(SystemExit, match=r"--prompts: .*nothing\.jsonl: no such file"):
+        run.plan_file_prompts(tmp_path / "nothing.jsonl", {1: 1})
+    with pytest.raises(SystemExit, match=r"no \"prompt\" field"):
+        run.plan_file_prompts(_jsonl(tmp_path / "x.jsonl", ['{"q": 1}']), {1: 1})
+    twice = _jsonl(tmp_path / "twice.jsonl", ['{"prompt": "a"}', '{"prompt": "a"}'])
+    with pytest.raises(SystemExit, match="submitted twice"):
+        run.plan_file_prompts(twice, {1: 1, 2: 1})
+    with pytest.raises(SystemExit, match="reserves the name 'all'"):
+        run.plan_file_prompts(_jsonl(tmp_path / "all.jsonl", ['{"prompt": "a"}']), {1: 1})
+
+
+def test_prompts_replace_the_built_in_sets_and_a_quick_run_keeps_them():
+    args = run.parse_args(["--prompts", "mine.jsonl", "--quick"])
+    assert str(args.prompts) == "mine.jsonl" and args.model == run.QUICK["model"]
+    assert args.concurrency == [1, 2] and args.max_tokens == 16
+    assert run.parse_args([]).datasets == run.DEFAULT_DATASETS
+    assert run.parse_args(["--quick"]).datasets == run.QUICK["datasets"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--prompts", "mine.jsonl", "--datasets", "mtbench"])
+
+
+def test_the_harness_sets_no_insecure_serialization(monkeypatch):
+    monkeypatch.setattr(engine.os, "environ", {})
+    engine.configure_env("cpu", 2)
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in engine.os.environ
+    assert engine.os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
+# --- vLLM's own client (`serve_bench.sh`): its plan and its table, no server --------------------
+
+
+def _bench_result(method, concurrency, throughput, **extra):
+    """A result file as vLLM 0.32's `bench serve --save-result` writes it (benchmarks/serve.py),
+    with --percentile-metrics ttft,tpot,itl --metric-percentiles 50,99 and serve_bench.sh's
+    --metadata; the per-request lists shortened."""
+    result = {
+        "date": "20261206-044759", "endpoint_type": "openai", "backend": "openai", "label": None,
+        "model_id": "/models/m", "tokenizer_id": "/models/m", "num_prompts": 4,
+        "method": method, "speculative_config": "none", "request_rate": "inf",
+        "burstiness": 1.0, "max_concurrency": concurrency, "duration": 2.0, "completed": 4,
+        "failed": 0, "total_input_tokens": 72, "total_output_tokens": 48,
+        "request_throughput": 2.0, "request_goodput": None, "output_throughput": throughput,
+        "total_token_throughput": 60.0, "input_lens": [18] * 4, "output_lens": [12] * 4,
+        "ttfts": [0.03] * 4, "itls": [[0.01]] * 4, "errors": [""] * 4,
+        "max_output_tokens_per_s": 48.0, "max_concurrent_requests": concurrency, "rtfx": 0.0,
+    }
+    for metric, base in (("ttft", 30.0), ("tpot", 10.0), ("itl", 9.0)):
+        result |= {f"mean_{metric}_ms": base, f"median_{metric}_ms": base,
+                   f"std_{metric}_ms": 1.0, f"p50_{metric}_ms": base,
+                   f"p99_{metric}_ms": 2 * base}
+    return result | extra
+
+
+SPEC_DECODE = {"spec_decode_acceptance_rate": 62.5, "spec_decode_acceptance_length": 2.25,
+               "spec_decode_num_drafts": 8, "spec_decode_draft_tokens": 16,
+               "spec_decode_accepted_tokens": 10,
+               "spec_decode_per_position_acceptance_rates": [0.75, 0.5]}
+
+
+def _write_results(folder, results):
+    from benchmarks import serve_bench
+
+    for r in results:
+        (folder / serve_bench.result_name(r["method"], r["max_concurrency"])).write_text(
+            json.dumps(r))
+
+
+def test_the_serve_table_puts_methods_side_by_side(tmp_path):
+    from benchmarks import serve_bench
+
+    _write_results(tmp_path, [
+        _bench_result("lookahead", 8, 150.0, **SPEC_DECODE),
+        _bench_result("none", 8, 100.0),
+        _bench_result("lookahead", 1, 30.0, **SPEC_DECODE, failed=1, completed=3),
+        _bench_result("none", 1, 20.0),
+    ])
+    (tmp_path / "other.json").write_text('{"not": "a bench result"}')
+    (tmp_path / "broken.json").write_text("{")
+    text = serve_bench.report(tmp_path, ["none", "lookahead"])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | c | requests | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms")
+    assert rows[0].endswith("| output tok/s | x none | req/s | acceptance | acceptance length |")
+    assert rows[1:] == [
+        "| none | 1 | 4 | 30.00 | 60.00 | 10.00 | 20.00 | 9.00 | 18.00 | 20.0 | 1.00 | 2.000 "
+        "| - | - |",
+        "| none | 8 | 4 | 30.00 | 60.00 | 10.00 | 20.00 | 9.00 | 18.00 | 100.0 | 1.00 | 2.000 "
+        "| - | - |",
+        "| lookahead | 1 | 3 | 30.00 | 60.00 | 10.00 | 20.00 | 9.00 | 18.00 | 30.0 | 1.50 | 2.000 "
+        "| 62.5 % | 2.25 |",
+        "| lookahead | 8 | 4 | 30.00 | 60.00 | 10.00 | 20.00 | 9.00 | 18.00 | 150.0 | 1.50 | 2.000 "
+        "| 62.5 % | 2.25 |",
+    ]
+    assert "**lookahead at c=1: 1 of 4 requests failed**" in text
+    assert "`/models/m`" in text
+
+
+def test_the_serve_table_reads_vllms_default_percentiles_and_has_no_baseline_to_need(tmp_path):
+    from benchmarks import serve_bench
+
+    # A run of vLLM bench's own with its default --metric-percentiles 99: p50 is the median.
+    mine = _bench_result("x", 4, 10.0, label="my-run")
+    del mine["method"], mine["speculative_config"]
+    del mine["p50_ttft_ms"]
+    mine["median_ttft_ms"] = 12.0
+    assert serve_bench.method_of(mine) == "my-run"
+    [row] = serve_bench.table([mine])[2:]
+    assert row.startswith("| my-run | 4 | 4 | 12.00 | 60.00 |") and "| 10.0 | - |" in row
+    with pytest.raises(SystemExit, match="no `vllm bench serve` result files"):
+        serve_bench.report(tmp_path)
+
+
+def test_serve_bench_plans_the_harness_methods_and_a_slice_per_concurrency(tmp_path):
+    from benchmarks import serve_bench
+
+    configs = serve_bench.speculative_configs("none,ngram,suffix,lookahead,suffix-default", 8)
+    assert configs == {name: run.builtin_methods(8)[name]
+                       for name in ("none", "ngram", "suffix", "lookahead", "suffix[K=24]")}
+    assert configs["ngram"] == {"method": "ngram", "num_speculative_tokens": 8,
+                                "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    with pytest.raises(SystemExit, match="unknown"):
+        serve_bench.speculative_configs("none,medusa", 8)
+    path = _jsonl(tmp_path / "p.jsonl", ['{"prompt": "p0", "output_tokens": 5}',
+                                         *(f'{{"prompt": "p{i}"}}' for i in range(1, 7))])
+    records, slices = serve_bench.plan_cells(path, [1, 4], "2", 128)
+    assert slices == {1: [0, 1], 4: [2, 3, 4, 5]}
+    assert records[0] == {"prompt": "p0", "output_tokens": 5} and records[1] == {"prompt": "p1"}
+    with pytest.raises(SystemExit, match=r"7 prompts, the cells need 10"):
+        serve_bench.plan_cells(path, [2, 8], "2", 128)
+    with pytest.raises(SystemExit, match=r"OUTPUT_LEN -1 .* prompts \[2, 3\] lack"):
+        serve_bench.plan_cells(path, [1], "3", -1)
+    assert serve_bench.result_name("suffix[K=24]", 8) == "suffix_K_24_-c8.json"
+
+
+def test_serve_bench_plan_writes_the_cells_files(tmp_path):
+    from benchmarks import serve_bench
+
+    path = _jsonl(tmp_path / "p.jsonl", [f'{{"prompt": "the cat sat {i}"}}' for i in range(3)])
+    out = tmp_path / "out"
+    args = serve_bench.parse_args(["plan", "tiny", str(path), "--out", str(out),
+                                   "--concurrency", "1,2", "--num-prompts", "1",
+                                   "--methods", "none,lookahead", "--output-len", "8"])
+    records = [line.split("\t") for line in serve_bench.plan(args)]
+    by_kind = {}
+    for kind, *fields in records:
+        by_kind.setdefault(kind, []).append(fields)
+    assert by_kind["cell"] == [["1", "1", str(out / "prompts-c1.jsonl")],
+                               ["2", "2", str(out / "prompts-c2.jsonl")]]
+    assert by_kind["method"] == [["none", ""], ["lookahead", json.dumps(
+        {"method": "lookahead", "num_speculative_tokens": 8})]]
+    assert by_kind["warmup"] == [["2", str(out / "warmup.jsonl")]]
+    assert int(by_kind["max_model_len"][0][0]) > 8
+    assert (out / "prompts-c2.jsonl").read_text().splitlines() == [
+        '{"prompt": "the cat sat 1"}', '{"prompt": "the cat sat 2"}']
+
+
+@pytest.mark.engine
+def test_serve_bench_runs_vllms_client_against_each_method(tmp_path):
+    """The whole script once: two servers on the tiny model, vLLM bench at c=1, one table."""
+    from benchmarks.tiny_model import tiny_model
+
+    phrases = ["the cat sat on the mat", "one two three four", "red blue green house",
+               "open the list and print the value", "the river ran down the stone"]
+    prompts = _jsonl(tmp_path / "tiny.jsonl",
+                     [f'{{"prompt": "{" ".join([p] * 4)}"}}' for p in phrases])
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "NUM_PROMPTS": "5", "OUTPUT_LEN": "16",
+           "VENV_BIN": str(Path(sys.executable).parent), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    script = Path(__file__).parents[1] / "benchmarks" / "serve_bench.sh"
+    proc = subprocess.run(["bash", str(script), str(tiny_model()), str(prompts), "1",
+                           "none,lookahead"], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    print(proc.stdout[-6000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The header and the rows; the separator line starts "|-".
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells, strict=True))
+            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    assert list(rows) == ["none", "lookahead"]
+    for row in rows.values():
+        assert row["c"] == "1" and row["requests"] == "5"
+        for column in ("TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+                       "output tok/s"):
+            assert float(row[column]) >= 0
+    assert rows["none"]["acceptance"] == "-"
+    assert 0 <= float(rows["lookahead"]["acceptance"].removesuffix(" %")) <= 100
+    assert float(rows["lookahead"]["acceptance length"]) >= 1
+    assert (out / "results.md").read_text().count("| lookahead | 1 |") == 1
