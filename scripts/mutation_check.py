@@ -113,7 +113,7 @@ FAULTS = (
           'admission["independent"] = False', ("tests/test_drafter.py",)),
     Fault("the engine never reports a request as seeded", "seeded reproducibility",
           "vllm_lookahead/engine_requests.py",
-          "seeded=params is not None and params.seed is not None)", "seeded=False)",
+          "seeded=_is_seeded(params))", "seeded=False)",
           ("tests/test_engine.py", "-k", "seeded"), marks="engine"),
     Fault("an unsupported vLLM is let through", "the vLLM boundary",
           "vllm_lookahead/vllm_boundary.py",

@@ -169,3 +169,18 @@ def test_the_drafter_honours_enabled_and_the_per_request_budget():
     assert len(full) == 6
     # The budget cuts the chain the request would have had, not some other, shorter one.
     assert _chain(RequestOptions(num_speculative_tokens=2)) == full[:2]
+
+
+def test_only_a_sampled_request_with_a_seed_counts_as_seeded():
+    """A greedy request's tokens never depend on its seed, so it drafts as any other; a sampled
+    one with a seed drafts from its own tokens only."""
+    from vllm_lookahead.engine_requests import RunnerRequests
+
+    def seeded(name, seed):
+        runner = FakeRunner(None)
+        params = runner.requests["r"].sampling_params
+        params.sampling_type, params.seed = SimpleNamespace(name=name), seed
+        return RunnerRequests(runner).info(0, "r").seeded
+
+    assert seeded("RANDOM_SEED", 3) and not seeded("RANDOM", None)
+    assert not seeded("GREEDY", 3)

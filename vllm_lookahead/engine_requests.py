@@ -55,7 +55,7 @@ class RunnerRequests:
                            greedy=_is_greedy(params),
                            prompt_mask=prompt_mask(owner),
                            max_new_tokens=params.max_tokens if params is not None else None,
-                           seeded=params is not None and params.seed is not None)
+                           seeded=_is_seeded(params))
 
     def prefilled(self, req_id: str) -> int:
         state = self._runner.requests.get(req_id)
@@ -127,6 +127,11 @@ def drafter_token_ids(runner: Any, token_ids_cpu: np.ndarray, num_tokens: np.nda
     for row, mask in masked:
         tokens[row, :len(mask)][~mask] = -1
     return tokens
+
+
+def _is_seeded(params: Any) -> bool:
+    """A sampled request with its own `seed` (a greedy one's tokens never depend on a seed)."""
+    return params is not None and params.seed is not None and not _is_greedy(params)
 
 
 def _is_greedy(params: Any) -> bool:

@@ -65,9 +65,9 @@ class RequestInfo:
     max_new_tokens: int | None = None
     """The most tokens the request may generate (vLLM's `max_tokens`); None: unknown."""
     seeded: bool = False
-    """The request sets its own `seed`: its drafts then depend on its own tokens and the engine's
-    configuration only (no shared corpus, no learned acceptance, no batch-wide cut), so that it
-    draws the same random numbers, and gets the same tokens, from run to run."""
+    """The request samples with its own `seed`: its drafts then depend on its own tokens and the
+    engine's configuration only (no shared corpus, no learned acceptance, no batch-wide cut), so
+    that it draws the same random numbers, and gets the same tokens, from run to run."""
 
 
 class RequestSource(Protocol):
