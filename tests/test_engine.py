@@ -95,24 +95,27 @@ def test_sampling_goes_through_verification(lookahead_llm, prompts, baseline):
 SEEDED = 6
 
 
-def seeded_run(model: str, prompts, company: str) -> tuple[list[list[int]], dict]:
-    """The seeded requests' tokens from a fresh engine: `alone` (one at a time, after unseeded
-    traffic taught the engine and filled its corpus), `batched` (all at once, nothing before),
-    or `mixed` (in one batch with unseeded sampled and greedy requests)."""
+def seeded_run(model: str, prompts, traffic: str) -> tuple[list[list[int]], dict]:
+    """The seeded requests' tokens from a fresh engine, one request at a time: on its own
+    (`none`), after unseeded sampled and greedy requests taught the engine and filled its corpus
+    (`before`), or with such a batch between every two seeded requests (`between`)."""
     llm = make_llm(model, {"method": "lookahead", "num_speculative_tokens": 6},
                    max_num_seqs=16)
-    seeded = [({"prompt_token_ids": p}, sampled_params(7000 + i))
-              for i, p in enumerate(prompts[:SEEDED])]
     others = [({"prompt_token_ids": p}, sampled_params(None) if i % 2 else greedy_params(32))
               for i, p in enumerate(prompts[SEEDED:SEEDED + 10])]
+
+    def teach() -> None:
+        llm.generate([r for r, _ in others], [p for _, p in others], use_tqdm=False)
+
+    outs = []
     try:
-        if company == "alone":
-            llm.generate([r for r, _ in others], [p for _, p in others], use_tqdm=False)
-            outs = [llm.generate([r], [p], use_tqdm=False)[0] for r, p in seeded]
-        else:
-            batch = seeded + (others if company == "mixed" else [])
-            outs = llm.generate([r for r, _ in batch], [p for _, p in batch],
-                                use_tqdm=False)[:SEEDED]
+        if traffic == "before":
+            teach()
+        for i, p in enumerate(prompts[:SEEDED]):
+            if traffic == "between":
+                teach()
+            outs += llm.generate([{"prompt_token_ids": p}], sampled_params(7000 + i),
+                                 use_tqdm=False)
         (stats,) = engine_stats(llm)
     finally:
         shutdown(llm)
@@ -120,17 +123,20 @@ def seeded_run(model: str, prompts, company: str) -> tuple[list[list[int]], dict
 
 
 def test_a_seeded_request_reproduces_its_tokens_on_fresh_engines(tiny_model, prompts):
-    """Three fresh engines, the seeded requests alone after other traffic, batched, and mixed
-    with unseeded ones: the same tokens each time, because their drafts depend on their own
-    tokens only (vLLM's rejection sampler draws a seeded request's random numbers per verified
-    draft token, so other drafts would mean other draws)."""
-    runs = {company: seeded_run(tiny_model, prompts, company)
-            for company in ("alone", "batched", "mixed")}
-    tokens = {company: out for company, (out, _) in runs.items()}
-    assert tokens["alone"] == tokens["batched"] == tokens["mixed"]
-    assert all(len(t) == 32 for t in tokens["alone"])
+    """Three fresh engines, each running the seeded requests one at a time: on their own, after
+    other traffic, and with other traffic between them. The same tokens each time: a seeded
+    request's drafts depend on its own tokens only, not on what other requests taught the engine
+    or left in its corpus, nor on measured step times (vLLM's rejection sampler draws a seeded
+    request's random numbers per verified draft token, so other drafts would mean other
+    draws)."""
+    runs = {traffic: seeded_run(tiny_model, prompts, traffic)
+            for traffic in ("none", "before", "between")}
+    tokens = {traffic: out for traffic, (out, _) in runs.items()}
+    assert tokens["none"] == tokens["before"] == tokens["between"]
+    assert all(len(t) == 32 for t in tokens["none"])
     for _, stats in runs.values():
         assert stats["accepted_tokens"] > 0
+    assert runs["between"][1]["shared_tokens"] > 0  # the corpus held other requests' text
 
 
 def test_zero_patch_custom_class_with_the_plugin_filtered_out(tiny_model, prompts, baseline,

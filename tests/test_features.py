@@ -216,47 +216,52 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"ty
           "required": ["name", "n"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def la_fixed(tiny_model):
     """`la` with fixed chains: every request drafts K tokens at every step. The adaptive cut may
     price drafts out entirely (it did for the choice below, whose answers are short), and then a
-    test of drafts says nothing."""
+    test of drafts says nothing. Shut down after the class: vLLM's metrics belong to the engine
+    built last, and the tests after these read `la`'s."""
     llm = make_llm(tiny_model, {**SPEC, "lookahead": {"adaptive": False}}, **ENGINE)
     yield llm
     shutdown(llm)
 
 
-@pytest.mark.parametrize("kind", ["json", "regex", "choice"])
-def test_structured_outputs(base, la_fixed, short_prompts, kind, record_property):
-    """Drafts the grammar rejects are cut by vLLM's scheduler before verification (sync
-    scheduling: `Scheduler.update_draft_token_ids` keeps the grammar-valid prefix); outputs equal
-    the baseline's. How many drafted tokens the grammar cut is recorded (`grammar_cut_tokens`)."""
-    from vllm.sampling_params import StructuredOutputsParams
+class TestStructuredOutputs:
+    @pytest.mark.parametrize("kind", ["json", "regex", "choice"])
+    def test_structured_outputs(self, base, la_fixed, short_prompts, kind, record_property):
+        """Drafts the grammar rejects are cut by vLLM's scheduler before verification (sync
+        scheduling: `Scheduler.update_draft_token_ids` keeps the grammar-valid prefix); outputs
+        equal the baseline's. How many drafted tokens the grammar cut is recorded
+        (`grammar_cut_tokens`)."""
+        from vllm.sampling_params import StructuredOutputsParams
 
-    so = {"json": StructuredOutputsParams(json=SCHEMA),
-          "regex": StructuredOutputsParams(regex=r"(the|cat|dog)( (the|cat|dog|sat)){3,30}"),
-          "choice": StructuredOutputsParams(choice=["the cat sat", "the dog ran", "blue"])}[kind]
-    chain_log(la_fixed, start=True)
-    before = stats(la_fixed)
-    assert_same(base, la_fixed, short_prompts[:8], params(max_tokens=40, structured_outputs=so))
-    after = stats(la_fixed)
-    log = chain_log(la_fixed)
-    # A chain proposed for a request that stepped again, against what vLLM verified next step. A
-    # step that verified no drafts at all has no trajectory: none of the chain was verified.
-    last: dict[str, int] = {}
-    proposed = cut = 0
-    for entry in log:
-        if entry["req_id"] in last:
-            proposed += last[entry["req_id"]]
-            cut += last[entry["req_id"]] - (entry["verified_before"] or 0)
-        last[entry["req_id"]] = len(entry["chain"])
-    record_property("grammar_cut_tokens", cut)
-    record_property("drafted_tokens", after["draft_tokens"] - before["draft_tokens"])
-    record_property("proposed_and_stepped", proposed)
-    # The equal outputs above came through drafts under the grammar, some of which the
-    # scheduler's grammar check cut before verification.
-    assert proposed > 0
-    assert cut > 0
+        grammars = {
+            "json": StructuredOutputsParams(json=SCHEMA),
+            "regex": StructuredOutputsParams(regex=r"(the|cat|dog)( (the|cat|dog|sat)){3,30}"),
+            "choice": StructuredOutputsParams(choice=["the cat sat", "the dog ran", "blue"])}
+        so = grammars[kind]
+        chain_log(la_fixed, start=True)
+        before = stats(la_fixed)
+        assert_same(base, la_fixed, short_prompts[:8], params(max_tokens=40, structured_outputs=so))
+        after = stats(la_fixed)
+        log = chain_log(la_fixed)
+        # A chain proposed for a request that stepped again, against what vLLM verified next step. A
+        # step that verified no drafts at all has no trajectory: none of the chain was verified.
+        last: dict[str, int] = {}
+        proposed = cut = 0
+        for entry in log:
+            if entry["req_id"] in last:
+                proposed += last[entry["req_id"]]
+                cut += last[entry["req_id"]] - (entry["verified_before"] or 0)
+            last[entry["req_id"]] = len(entry["chain"])
+        record_property("grammar_cut_tokens", cut)
+        record_property("drafted_tokens", after["draft_tokens"] - before["draft_tokens"])
+        record_property("proposed_and_stepped", proposed)
+        # The equal outputs above came through drafts under the grammar, some of which the
+        # scheduler's grammar check cut before verification.
+        assert proposed > 0
+        assert cut > 0
 
 
 # --- long prompts, the length limit ---------------------------------------------------------------
