@@ -4,14 +4,23 @@ import pytest
 
 # Set before vLLM is imported anywhere: engine and worker processes inherit the environment.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# Lets the tests read the proposer's counters from the worker with llm.collective_rpc(fn).
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from benchmarks.tiny_model import make_prompts
 from benchmarks.tiny_model import tiny_model as build_tiny_model
 
 MAX_MODEL_LEN = 1024
+INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
+def functions_to_workers():
+    """For the tests that send a function to vLLM's workers (`collective_rpc(fn)`), which vLLM
+    serializes with pickle only when VLLM_ALLOW_INSECURE_SERIALIZATION is set: a module-scoped
+    fixture that sets it, before the module's engines start, and unsets it after. The plugin
+    itself never needs it (`vllm_lookahead.engine_stats` reads the counters without RPC)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(INSECURE_SERIALIZATION, "1")
+        yield
 MAX_NEW_TOKENS = 48
 
 

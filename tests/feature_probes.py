@@ -1,6 +1,6 @@
 """Functions test_features.py runs inside vLLM's worker with `collective_rpc` (they need
-VLLM_ALLOW_INSECURE_SERIALIZATION=1, which conftest sets). Kept import-light: the worker imports
-this module.
+VLLM_ALLOW_INSECURE_SERIALIZATION=1, which the modules that use them set:
+conftest.functions_to_workers). Kept import-light: the worker imports this module.
 
 `start_chain_log` wraps the proposer so that every step records, per request, the chain it
 proposed and how many drafts of the previous chain vLLM actually verified: what the scheduler cut

@@ -19,12 +19,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import first_difference, generate_tokens, greedy_params, make_llm, shutdown
+from tests.conftest import (
+    first_difference,
+    functions_to_workers,
+    generate_tokens,
+    greedy_params,
+    make_llm,
+    shutdown,
+)
 from tests.test_server import GREEDY, free_port, server_command, token_ids, wait_healthy
 from tests.worker_probes import drafts_digest, record_drafts
 from vllm_lookahead.engine_requests import worker_stats
 
 pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _functions_to_workers():
+    """Each rank's drafts are recorded by functions sent to the workers (`worker_probes`)."""
+    yield from functions_to_workers()
 
 SPEC = {"method": "lookahead", "num_speculative_tokens": 6, "lookahead": {"ngram_size": 3}}
 N = 16

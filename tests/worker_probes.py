@@ -1,6 +1,7 @@
 """Functions the tests run inside vLLM's workers with `collective_rpc` (they need
-VLLM_ALLOW_INSECURE_SERIALIZATION=1, which conftest sets). Kept import-light: every worker that
-runs one imports this module."""
+VLLM_ALLOW_INSECURE_SERIALIZATION=1, which the modules that use them set:
+conftest.functions_to_workers). Kept import-light: every worker that runs one imports this
+module."""
 
 from __future__ import annotations
 

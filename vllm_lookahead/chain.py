@@ -44,10 +44,11 @@ from vllm_lookahead.request_state import RequestState
 
 OWN_TEXT, SHARED_TEXT, POOL, JACOBI = 1, 2, 4, 8
 """Kinds of source, as bits: a token's support is how many kinds propose it."""
-INDEPENDENT_REACH_FLOOR = 0.25
+INDEPENDENT_REACH_FLOOR = 0.5
 """Where an independent (seeded) request's chain ends when chains are cut: a fixed reach, since
 the cut's own threshold follows the load and the measured step times. About the cut's threshold
-at four requests in flight on the CPU prior (`step_cost.CPU_STEP_COST_PRIOR`)."""
+at sixteen requests in flight on the CPU prior (`step_cost.CPU_STEP_COST_PRIOR`): a seeded
+request then drafts little that would not pay in a loaded batch (`benchmarks.seeded_cost`)."""
 
 
 class ChainSettingsType(RecordType):
