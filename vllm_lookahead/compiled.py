@@ -21,13 +21,22 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, types
 from numba.core import caching, cgutils
 from numba.experimental import structref
 from numba.extending import intrinsic, register_jitable
 
+from vllm_lookahead.log import get_logger
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
+TESTED_NUMBA = "0.65"
+"""The numba the kernels were tested with (setup.py's extras ask for it)."""
+if not numba.__version__.startswith(TESTED_NUMBA + "."):
+    get_logger(__name__).warning(
+        "vllm-lookahead: numba %s is untested (tested: %s.x); the drafter's kernels may not "
+        "compile", numba.__version__, TESTED_NUMBA)
 
 
 @cache
