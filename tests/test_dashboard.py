@@ -9,7 +9,6 @@ import copy
 import importlib.util
 import json
 import re
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import SPEC, free_port, server_command, wait_healthy
+from tests.test_server import server  # noqa: F401 (the server fixture, started for this module)
 from vllm_lookahead import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "vllm-lookahead.json"
@@ -150,30 +149,8 @@ def scrape(port: int) -> set[str]:
     return {m.group(0) for m in re.finditer(r"^vllm:[A-Za-z0-9_]+", text, re.MULTILINE)}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            server_command(tiny_model, port, "--speculative-config", json.dumps(SPEC)),
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(proc, port)
-        yield port
-    except Exception:
-        print(log.read_text()[-5000:])
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.mark.engine
-def test_every_queried_metric_is_on_the_servers_metrics_endpoint(server, prompts):
+def test_every_queried_metric_is_on_the_servers_metrics_endpoint(server, prompts):  # noqa: F811
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused")

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_server import free_port, server_command, wait_healthy
+from tests.test_server import free_port, server_command, serving
 
 pytestmark = pytest.mark.engine
 
@@ -35,22 +35,9 @@ def info_env() -> dict[str, str]:
 def server(tiny_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(server_command(tiny_model, port, "--speculative-config",
-                                               json.dumps(SPEC)),
-                                stdout=out, stderr=subprocess.STDOUT, env=info_env())
-    try:
-        wait_healthy(proc, port)
+    with serving(server_command(tiny_model, port, "--speculative-config", json.dumps(SPEC)),
+                 port, log, env=info_env()):
         yield port, log
-    except Exception:
-        print(log.read_text()[-5000:])
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

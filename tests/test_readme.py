@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import free_port, wait_healthy
+from tests.test_server import free_port, serving
 
 pytestmark = pytest.mark.engine
 
@@ -72,11 +72,7 @@ def test_serve_command(index, tiny_model, tmp_path):
     port = free_port()
     argv = [str(Path(sys.executable).parent / "vllm-lookahead"), *shlex.split(command)[1:],
             "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        wait_healthy(proc, port)
+    with serving(argv, port, tmp_path / "server.log"):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions", method="POST",
             headers={"Content-Type": "application/json"},
@@ -85,12 +81,3 @@ def test_serve_command(index, tiny_model, tmp_path):
         with urllib.request.urlopen(request, timeout=120) as response:
             assert response.status == 200
         assert "vllm:lookahead_steps_total" in scrape_until(port, "vllm:lookahead_steps_total")
-    except Exception:
-        print(log.read_text()[-5000:])
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()

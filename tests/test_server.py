@@ -1,5 +1,6 @@
 """The OpenAI-compatible server as users start it, in a subprocess, queried with `openai`."""
 
+import contextlib
 import json
 import os
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,17 +47,17 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> Non
     raise TimeoutError("server did not become healthy")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+@contextlib.contextmanager
+def serving(argv: list[str], port: int, log: Path,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A server started with `argv` (listening on `port`, its output in `log`), once healthy;
+    stopped on exit. Where anything fails meanwhile, the end of its log is printed."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(server_command(tiny_model, port, "--speculative-config",
-                                               json.dumps(SPEC)),
-                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env=env if env is not None else os.environ.copy())
     try:
         wait_healthy(proc, port)
-        yield port
+        yield proc
     except Exception:
         print(log.read_text()[-5000:])
         raise
@@ -65,6 +67,15 @@ def server(tiny_model, tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(server_command(tiny_model, port, "--speculative-config", json.dumps(SPEC)),
+                 port, log):
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from tests.conftest import (
     make_llm,
     shutdown,
 )
-from tests.test_server import GREEDY, free_port, server_command, token_ids, wait_healthy
+from tests.test_server import GREEDY, free_port, server_command, serving, token_ids
 from tests.worker_probes import drafts_digest, record_drafts
 from vllm_lookahead.engine_requests import worker_stats
 
@@ -118,13 +117,10 @@ def tp2_server(tiny_model, tmp_path_factory):
     # Two ranks on one NUMA node: vLLM's automatic binding gives rank N the N-th NUMA node.
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(server_command(tiny_model, port, "--tensor-parallel-size", "2",
-                                               "--distributed-executor-backend", "mp",
-                                               "--speculative-config", json.dumps(SPEC)),
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_healthy(proc, port)
+    argv = server_command(tiny_model, port, "--tensor-parallel-size", "2",
+                          "--distributed-executor-backend", "mp",
+                          "--speculative-config", json.dumps(SPEC))
+    with serving(argv, port, log, env=env) as proc:
         import psutil
 
         server = psutil.Process(proc.pid)
@@ -132,15 +128,6 @@ def tp2_server(tiny_model, tmp_path_factory):
         print(f"[figures] server TP=2: ready_s={time.monotonic() - t0:.1f}, "
               f"rss_mib={rss / 2**20:.0f}")
         yield port
-    except Exception:
-        print(log.read_text()[-5000:])
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_server_tp2_matches_and_reports_once_per_engine(tp2_server, prompts, baseline):

@@ -1,18 +1,7 @@
-"""One request's Jacobi state: guesses for the positions after its committed tokens.
-
-Notation for one verification step: `base` is the number of committed tokens before the step, the
-chain `d[0..n)` sat at token indices `base .. base+n`, and `y[j]` is the target's greedy prediction
-for index `base + j` given the committed tokens and `d[:j]`. With `a` drafts accepted, vLLM commits
-`d[:a]` plus one token at index `base + a`, so the predictions `y[a+1:]` are for exactly the next
-unknown indices: they are the next Jacobi iterate and become the new guesses, position-exact.
-
-Harvesting follows LADE's diagonals. `y[j]` was predicted right after the input `d[j-1]`; if that
-input was itself a Jacobi guess, it was predicted a step earlier right after *its* input, and so on.
-That lineage, not the chain's other inputs (which came from other iterations), is the sequence the
-model actually extended token by token, so the n-gram harvested at `y[j]` is
-`lineage(d[j-1]) + d[j-1] + y[j]`. For inputs that were not guesses (pool candidates, padding,
-committed tokens) the lineage is simply the inputs before them. Only positions past the first
-rejection are harvested here: earlier ones are committed output, which the pool gets anyway.
+"""One request's Jacobi state in plain Python: the specification of `vllm_lookahead.jacobi_window`
+(whose docstring has the notation, the iterate and LADE's diagonals). The compiled window keeps
+the same guesses and lineages in arrays; this one keeps them in numpy arrays and a dict of issued
+positions, and returns its harvest for `reference.ngram_cache.NGramPool.add`.
 """
 
 from __future__ import annotations
