@@ -12,7 +12,10 @@ method (CONFIG is the speculative config as JSON, empty for `none`).
 `table` reads the result files `vllm bench serve --save-result` wrote in DIR (vLLM 0.32's keys:
 `p50_ttft_ms`, `output_throughput`, `spec_decode_acceptance_rate`, ...) and prints one markdown
 table: per method and concurrency, TTFT, TPOT and ITL at p50 and p99, output tokens/s, its ratio
-to `none`, requests/s and vLLM's draft acceptance. It imports neither vLLM nor the harness.
+to `none`, requests/s and vLLM's draft acceptance. Results of several rounds (`--metadata
+round=R`, which serve_bench.sh sets when ROUNDS > 1) get a row each, compared with `none`'s of the
+same round, and a second table pairs the rounds: each method's TTFT p50 and output tokens/s over
+`none`'s, round by round. It imports neither vLLM nor the harness.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ RESULT_KEYS = ("max_concurrency", "output_throughput")
 
 # --- plan ----------------------------------------------------------------------------------
 
-def result_name(method: str, concurrency: int) -> str:
-    """The result file of one cell; method names such as `suffix[K=24]` made file-safe."""
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', method)}-c{concurrency}.json"
+def result_name(method: str, concurrency: int, round_number: int | None = None) -> str:
+    """The result file of one cell (of one round); method names such as `suffix[K=24]` made
+    file-safe."""
+    suffix = f"-r{round_number}" if round_number is not None else ""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', method)}-c{concurrency}{suffix}.json"
 
 
 def speculative_configs(names: str, k: int) -> dict[str, dict[str, Any] | None]:
@@ -151,6 +156,15 @@ def method_of(result: Mapping[str, Any]) -> str:
     return str(result.get("method") or result.get("label") or result.get("backend") or "?")
 
 
+def round_of(result: Mapping[str, Any]) -> int:
+    """The round a result belongs to (serve_bench.sh's `--metadata round=R`); 1 without one."""
+    return int(result.get("round") or 1)
+
+
+def _cell(result: Mapping[str, Any]) -> tuple[Any, int]:
+    return result.get("max_concurrency"), round_of(result)
+
+
 def percentile_ms(result: Mapping[str, Any], metric: str, p: int) -> float | None:
     """vLLM writes p<P>_<metric>_ms for each --metric-percentiles (99 alone by default) and
     median_<metric>_ms always, which is the p50 of a run that did not ask for it."""
@@ -163,11 +177,11 @@ def percentile_ms(result: Mapping[str, Any], metric: str, p: int) -> float | Non
 def ordered(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()
             ) -> list[Mapping[str, Any]]:
     """By method (those given first in their order, the baseline first among the rest), then
-    concurrency."""
+    concurrency, then round."""
     seen = list(dict.fromkeys([*methods, *sorted({method_of(r) for r in results},
                                                   key=lambda m: (m != BASELINE, m))]))
     return sorted(results, key=lambda r: (seen.index(method_of(r)),
-                                          r.get("max_concurrency") or 0))
+                                          r.get("max_concurrency") or 0, round_of(r)))
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -178,16 +192,17 @@ def _num(value: float | None, spec: str) -> str:
 
 def table(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> list[str]:
     rows = ordered(results, methods)
-    baseline = {r.get("max_concurrency"): r["output_throughput"] for r in rows
-                if method_of(r) == BASELINE}
-    header = ["method", "c", "requests",
+    baseline = {_cell(r): r["output_throughput"] for r in rows if method_of(r) == BASELINE}
+    rounds = len({round_of(r) for r in rows}) > 1
+    header = ["method", "c", *(["round"] if rounds else []), "requests",
               *(f"{label} p{p} ms" for _, label in LATENCIES for p in PERCENTILES),
               "output tok/s", f"x {BASELINE}", "req/s", "acceptance", "acceptance length"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        base = baseline.get(r.get("max_concurrency"))
+        base = baseline.get(_cell(r))
         rate = r.get("spec_decode_acceptance_rate")
-        cells = [method_of(r), str(r.get("max_concurrency")), str(r.get("completed", "-")),
+        cells = [method_of(r), str(r.get("max_concurrency")),
+                 *([str(round_of(r))] if rounds else []), str(r.get("completed", "-")),
                  *(_num(percentile_ms(r, metric, p), ".2f")
                    for metric, _ in LATENCIES for p in PERCENTILES),
                  _num(r["output_throughput"], ".1f"),
@@ -199,9 +214,36 @@ def table(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> 
     return lines
 
 
+def paired_rounds(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()
+                  ) -> list[str]:
+    """Each method's TTFT p50 and output tokens/s over `none`'s in the same round, round by
+    round (empty unless there are several rounds and a baseline)."""
+    rows = ordered(results, methods)
+    base = {_cell(r): r for r in rows if method_of(r) == BASELINE}
+    if len({round_of(r) for r in rows}) < 2 or not base:
+        return []
+    lines = [f"| method | c | TTFT p50 / {BASELINE}'s, by round | output tok/s / {BASELINE}'s, "
+             "by round |", "|---|---|---|---|"]
+    by_cell: dict[tuple[str, Any], list[tuple[str, str]]] = {}
+    for r in rows:
+        b = base.get(_cell(r))
+        if method_of(r) == BASELINE or b is None:
+            continue
+        ttft, b_ttft = percentile_ms(r, "ttft", 50), percentile_ms(b, "ttft", 50)
+        by_cell.setdefault((method_of(r), r.get("max_concurrency")), []).append((
+            _num(ttft / b_ttft if ttft is not None and b_ttft else None, ".2f"),
+            _num(r["output_throughput"] / b["output_throughput"]
+                 if b["output_throughput"] else None, ".2f")))
+    for (method, c), ratios in by_cell.items():
+        lines.append(f"| {method} | {c} | {' / '.join(t for t, _ in ratios)} | "
+                     f"{' / '.join(x for _, x in ratios)} |")
+    return lines
+
+
 def notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
     """What the table's numbers cannot show: failed requests."""
-    return [f"{method_of(r)} at c={r.get('max_concurrency')}: {r['failed']} of "
+    return [f"{method_of(r)} at c={r.get('max_concurrency')}"
+            f"{f' (round {round_of(r)})' if round_of(r) > 1 else ''}: {r['failed']} of "
             f"{r['failed'] + r.get('completed', 0)} requests failed"
             for r in results if r.get("failed")]
 
@@ -217,7 +259,8 @@ def report(folder: Path, methods: Sequence[str] = ()) -> str:
         f"Latencies in ms. Acceptance: accepted / drafted tokens and mean acceptance length (1 + "
         f"accepted / drafts), as vLLM bench reads them from the server's /metrics around each "
         f"run; `-` for a method that drafts nothing. x {BASELINE}: output tokens/s over "
-        f"{BASELINE}'s at the same concurrency.",
+        f"{BASELINE}'s at the same concurrency (and round).",
+        *(["", *paired] if (paired := paired_rounds(results, methods)) else []),
         *(f"**{line}**" for line in notes(results)), ""])
 
 

@@ -14,6 +14,11 @@
 # sees a prompt twice, so suffix's and lookahead's caches of earlier responses can only recall
 # other requests' answers. Defaults: concurrencies 1,8; methods none,ngram,suffix,lookahead.
 #
+# ROUNDS=R [1] runs it all R times, each round on fresh servers over the same prompts, the order
+# of the methods reversed every other round (the harness's --rounds), and pairs each method with
+# none's figures of the same round: on a noisy machine a difference counts only if the rounds
+# agree on it.
+#
 # Environment (defaults in brackets): NUM_PROMPTS prompts per concurrency, at least N and raised
 # to c, or c:N,c:N [4]; OUTPUT_LEN tokens per request, -1 for each line's output_tokens [128];
 # K [8]; DTYPE [float32]; SEED [0]; EAGER 1/0 [1]; VLLM_CPU_KVCACHE_SPACE GiB [4];
@@ -45,6 +50,8 @@ SEED=${SEED:-0}
 EAGER=${EAGER:-1}
 SERVER_TIMEOUT=${SERVER_TIMEOUT:-600}
 SERVER_ARGS=${SERVER_ARGS:-}
+ROUNDS=${ROUNDS:-1}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "serve_bench: ROUNDS=$ROUNDS: a positive number" >&2; exit 2; }
 OUT=$(realpath -m "${OUT:-$ROOT/benchmarks/results/tmp/serve-$(basename "$MODEL")-$(date +%Y%m%d-%H%M%S)}")
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
 cd "$ROOT"
@@ -117,44 +124,55 @@ bench() {
         --no-oversample --disable-tqdm "$@" >>"$log" 2>&1
 }
 
-SKIPPED=()
-echo "results in $OUT; model $MODEL_PATH, max-model-len $MAX_MODEL_LEN, ${#NAMES[@]} methods"
-for i in "${!NAMES[@]}"; do
-    name=${NAMES[$i]} config=${CONFIGS[$i]}
-    safe=${name//[^A-Za-z0-9._-]/_}
+# run_method ROUND INDEX: one method's server, warm-up and cells.
+run_method() {
+    local round=$1 name=${NAMES[$2]} config=${CONFIGS[$2]} tag
+    local safe=${name//[^A-Za-z0-9._-]/_}
+    tag=$([[ $ROUNDS == 1 ]] || echo "-r$round")
+    local port log="$OUT/$safe$tag-bench.log"
     port=$(free_port)
-    echo "== $name: starting the server${config:+ with $config}"
-    start_server "$port" "$OUT/$safe-server.log" "$config"
+    echo "== $name${tag:+ (round $round)}: starting the server${config:+ with $config}"
+    start_server "$port" "$OUT/$safe$tag-server.log" "$config"
     if ! wait_healthy "$port"; then
-        echo "== $name: skipped: the server did not start (last lines of $OUT/$safe-server.log):"
-        tail -n 5 "$OUT/$safe-server.log" | sed 's/^/   /'
-        SKIPPED+=("$name: not run, the server did not start (see $OUT/$safe-server.log)")
+        echo "== $name: skipped: the server did not start (last lines of $OUT/$safe$tag-server.log):"
+        tail -n 5 "$OUT/$safe$tag-server.log" | sed 's/^/   /'
+        SKIPPED+=("$name: not run, the server did not start (see $OUT/$safe$tag-server.log)")
         stop_server
-        continue
+        return
     fi
     # Warm-up on prompts of its own, all in flight at once: first calls (and compilation, such
     # as ngram's numba kernels) are paid before any measurement.
-    if ! bench "$port" "$WARMUP_FILE" "$WARMUP_COUNT" "$WARMUP_COUNT" 16 "$OUT/$safe-bench.log"
-    then
-        echo "== $name: skipped: its warm-up failed (see $OUT/$safe-bench.log)"
-        SKIPPED+=("$name: not run, the warm-up failed (see $OUT/$safe-bench.log)")
+    if ! bench "$port" "$WARMUP_FILE" "$WARMUP_COUNT" "$WARMUP_COUNT" 16 "$log"; then
+        echo "== $name: skipped: its warm-up failed (see $log)"
+        SKIPPED+=("$name: not run, the warm-up failed (see $log)")
         stop_server
-        continue
+        return
     fi
     for cell in "${CELLS[@]}"; do
         read -r concurrency count file <<<"$cell"
         # No ready check: its test request would send the cell's first prompt twice.
-        if bench "$port" "$file" "$count" "$concurrency" "$OUTPUT_LEN" "$OUT/$safe-bench.log" \
+        if bench "$port" "$file" "$count" "$concurrency" "$OUTPUT_LEN" "$log" \
             --ready-check-timeout-sec 0 --percentile-metrics ttft,tpot,itl \
             --metric-percentiles 50,99 --save-result --result-dir "$OUT" \
-            --result-filename "$safe-c$concurrency.json" \
-            --metadata "method=$name" "speculative_config=${config:-none}"; then
+            --result-filename "$safe-c$concurrency$tag.json" \
+            --metadata "method=$name" "speculative_config=${config:-none}" "round=$round"; then
             echo "   c=$concurrency: $count requests done"
         else
-            echo "   c=$concurrency: vllm bench serve failed (see $OUT/$safe-bench.log)"
+            echo "   c=$concurrency: vllm bench serve failed (see $log)"
         fi
     done
     stop_server
+}
+
+SKIPPED=()
+echo "results in $OUT; model $MODEL_PATH, max-model-len $MAX_MODEL_LEN, ${#NAMES[@]} methods, $ROUNDS round(s)"
+for round in $(seq "$ROUNDS"); do
+    order=("${!NAMES[@]}")
+    if ((round % 2 == 0)); then
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do run_method "$round" "${order[$i]}"; done
+    else
+        for i in "${order[@]}"; do run_method "$round" "$i"; done
+    fi
 done
 
 echo

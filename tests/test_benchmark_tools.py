@@ -517,6 +517,33 @@ def test_the_serve_table_puts_methods_side_by_side(tmp_path):
     assert "`/models/m`" in text
 
 
+def test_the_serve_table_pairs_each_round_with_nones_of_the_same_round(tmp_path):
+    from benchmarks import serve_bench
+
+    results = []
+    for round_number, (none_rate, la_rate, la_ttft) in enumerate(
+            [(100.0, 150.0, 33.0), (50.0, 60.0, 27.0)], start=1):
+        meta = {"round": str(round_number)}  # vLLM bench stores --metadata values as strings
+        results += [_bench_result("none", 8, none_rate, **meta),
+                    _bench_result("lookahead", 8, la_rate, **meta, p50_ttft_ms=la_ttft)]
+    for r in results:
+        name = serve_bench.result_name(r["method"], 8, int(r["round"]))
+        (tmp_path / name).write_text(json.dumps(r))
+    assert serve_bench.result_name("suffix[K=24]", 8, 2) == "suffix_K_24_-c8-r2.json"
+    text = serve_bench.report(tmp_path, ["none", "lookahead"])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | c | round | requests | TTFT p50 ms |")
+    # Each round's ratio is to none's of that round: 150/100 and 60/50, not to a pooled none.
+    assert [(r.split(" | ")[2], r.split(" | ")[-4]) for r in rows[3:5]] == [("1", "1.50"),
+                                                                           ("2", "1.20")]
+    assert rows[-1] == "| lookahead | 8 | 1.10 / 0.90 | 1.50 / 1.20 |"
+    assert "TTFT p50 / none's, by round" in rows[-2]
+    # One round: no round column and no paired table.
+    one = [r for r in results if r["round"] == "1"]
+    assert serve_bench.paired_rounds(one) == []
+    assert "round" not in serve_bench.table(one)[0]
+
+
 def test_the_serve_table_reads_vllms_default_percentiles_and_has_no_baseline_to_need(tmp_path):
     from benchmarks import serve_bench
 
