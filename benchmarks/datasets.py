@@ -572,6 +572,17 @@ def chat_prompts(
     return chat_template(tokenizer, load_prompts(name, limit))
 
 
+UNRELATED_SETS = ("mtbench", "humaneval", "gsm8k", "summarization")
+"""The four sets the harness pools as `all`."""
+
+
+def mixed_chat_prompts(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list[int]]:
+    """`count` prompts of the four unrelated sets, the first of each set in turn (an equal share
+    of each, the last set's cut short), as token ids in the chat template."""
+    per_set = -(-count // len(UNRELATED_SETS))
+    return [p for name in UNRELATED_SETS for p in chat_prompts(name, tokenizer, per_set)][:count]
+
+
 def chat_template(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
                   ) -> list[list[int]]:
     """Prompts as token ids, each wrapped in the model's chat template."""

@@ -16,10 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import engine as eng
-from benchmarks.datasets import chat_prompts
+from benchmarks.datasets import mixed_chat_prompts
 from benchmarks.models import DEFAULT_MODEL
-
-SETS = ("mtbench", "humaneval", "gsm8k", "summarization")
 
 
 def sampled(max_tokens: int, seed: int | None) -> Any:
@@ -53,9 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     eng.configure_env()
     model = eng.resolve_model(args.model)
     tokenizer = eng.load_tokenizer(model)
-    per_set = -(-args.num_prompts // len(SETS))
-    prompts = [p for name in SETS for p in chat_prompts(name, tokenizer, per_set)]
-    prompts = prompts[:args.num_prompts]
+    prompts = mixed_chat_prompts(tokenizer, args.num_prompts)
     cfg = eng.EngineConfig(model, "float32",
                            eng.model_len_for(prompts, tokenizer, args.max_tokens),
                            max(args.concurrency, 1), 0, True)

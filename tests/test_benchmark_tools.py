@@ -636,3 +636,20 @@ def test_serve_bench_runs_vllms_client_against_each_method(tmp_path):
     assert 0 <= float(rows["lookahead"]["acceptance"].removesuffix(" %")) <= 100
     assert float(rows["lookahead"]["acceptance length"]) >= 1
     assert (out / "results.md").read_text().count("| lookahead | 1 |") == 1
+
+
+@pytest.mark.engine
+def test_first_step_times_the_first_token_of_both_methods_and_the_proposer():
+    """The whole script once on the tiny model: a row per method, lookahead's proposer time."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.first_step", "--model", "tiny",
+                           "--num-prompts", "2", "--rounds", "1"], env=env,
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 1 |")]
+    assert [row[1] for row in rows] == ["none", "lookahead"]
+    none, lookahead = rows
+    assert none[4] == "1.000" and none[5] == "-"
+    assert float(lookahead[2]) > 0 and float(lookahead[5]) > 0
