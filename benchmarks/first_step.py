@@ -83,5 +83,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"| {p50 / base:.3f} | {'-' if propose is None else f'{1000 * propose:.2f}'} |",
                   flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -56,6 +56,7 @@ from benchmarks.datasets import (
     DEFAULT_SETS,
     EXTRA_SETS,
     PROMPT_SETS,
+    RELATED_SETS,
     Prompt,
     chat_template,
     read_prompt_file,
@@ -65,8 +66,6 @@ from benchmarks.labels import ALL_DATASETS, BASELINE
 from benchmarks.models import DEFAULT_MODEL
 from vllm_lookahead.config import MAX_SPEC_LEN, LookaheadConfig, LookaheadConfigError
 
-RELATED_SETS = frozenset({"related"})
-"""Sets of related requests, reported on their own: `all` pools the unrelated sets only."""
 DEFAULT_K = 8
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
 SUFFIX_DEFAULT_DEPTH = 24

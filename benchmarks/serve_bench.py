@@ -165,6 +165,14 @@ def _cell(result: Mapping[str, Any]) -> tuple[Any, int]:
     return result.get("max_concurrency"), round_of(result)
 
 
+def _several_rounds(results: Sequence[Mapping[str, Any]]) -> bool:
+    return len({round_of(r) for r in results}) > 1
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
 def percentile_ms(result: Mapping[str, Any], metric: str, p: int) -> float | None:
     """vLLM writes p<P>_<metric>_ms for each --metric-percentiles (99 alone by default) and
     median_<metric>_ms always, which is the p50 of a run that did not ask for it."""
@@ -193,7 +201,7 @@ def _num(value: float | None, spec: str) -> str:
 def table(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> list[str]:
     rows = ordered(results, methods)
     baseline = {_cell(r): r["output_throughput"] for r in rows if method_of(r) == BASELINE}
-    rounds = len({round_of(r) for r in rows}) > 1
+    rounds = _several_rounds(rows)
     header = ["method", "c", *(["round"] if rounds else []), "requests",
               *(f"{label} p{p} ms" for _, label in LATENCIES for p in PERCENTILES),
               "output tok/s", f"x {BASELINE}", "req/s", "acceptance", "acceptance length"]
@@ -206,7 +214,7 @@ def table(results: Sequence[Mapping[str, Any]], methods: Sequence[str] = ()) -> 
                  *(_num(percentile_ms(r, metric, p), ".2f")
                    for metric, _ in LATENCIES for p in PERCENTILES),
                  _num(r["output_throughput"], ".1f"),
-                 _num(r["output_throughput"] / base if base else None, ".2f"),
+                 _num(_ratio(r["output_throughput"], base), ".2f"),
                  _num(r.get("request_throughput"), ".3f"),
                  _num(rate, ".1f") + (" %" if rate is not None else ""),
                  _num(r.get("spec_decode_acceptance_length"), ".2f")]
@@ -220,7 +228,7 @@ def paired_rounds(results: Sequence[Mapping[str, Any]], methods: Sequence[str] =
     round (empty unless there are several rounds and a baseline)."""
     rows = ordered(results, methods)
     base = {_cell(r): r for r in rows if method_of(r) == BASELINE}
-    if len({round_of(r) for r in rows}) < 2 or not base:
+    if not _several_rounds(rows) or not base:
         return []
     lines = [f"| method | c | TTFT p50 / {BASELINE}'s, by round | output tok/s / {BASELINE}'s, "
              "by round |", "|---|---|---|---|"]
@@ -229,11 +237,9 @@ def paired_rounds(results: Sequence[Mapping[str, Any]], methods: Sequence[str] =
         b = base.get(_cell(r))
         if method_of(r) == BASELINE or b is None:
             continue
-        ttft, b_ttft = percentile_ms(r, "ttft", 50), percentile_ms(b, "ttft", 50)
         by_cell.setdefault((method_of(r), r.get("max_concurrency")), []).append((
-            _num(ttft / b_ttft if ttft is not None and b_ttft else None, ".2f"),
-            _num(r["output_throughput"] / b["output_throughput"]
-                 if b["output_throughput"] else None, ".2f")))
+            _num(_ratio(percentile_ms(r, "ttft", 50), percentile_ms(b, "ttft", 50)), ".2f"),
+            _num(_ratio(r["output_throughput"], b["output_throughput"]), ".2f")))
     for (method, c), ratios in by_cell.items():
         lines.append(f"| {method} | {c} | {' / '.join(t for t, _ in ratios)} | "
                      f"{' / '.join(x for _, x in ratios)} |")
@@ -242,8 +248,9 @@ def paired_rounds(results: Sequence[Mapping[str, Any]], methods: Sequence[str] =
 
 def notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
     """What the table's numbers cannot show: failed requests."""
+    rounds = _several_rounds(results)
     return [f"{method_of(r)} at c={r.get('max_concurrency')}"
-            f"{f' (round {round_of(r)})' if round_of(r) > 1 else ''}: {r['failed']} of "
+            f"{f' (round {round_of(r)})' if rounds else ''}: {r['failed']} of "
             f"{r['failed'] + r.get('completed', 0)} requests failed"
             for r in results if r.get("failed")]
 

@@ -136,7 +136,7 @@ run_method() {
     if ! wait_healthy "$port"; then
         echo "== $name: skipped: the server did not start (last lines of $OUT/$safe$tag-server.log):"
         tail -n 5 "$OUT/$safe$tag-server.log" | sed 's/^/   /'
-        SKIPPED+=("$name: not run, the server did not start (see $OUT/$safe$tag-server.log)")
+        SKIPPED+=("$name${tag:+ (round $round)}: not run, the server did not start (see $OUT/$safe$tag-server.log)")
         stop_server
         return
     fi
@@ -144,7 +144,7 @@ run_method() {
     # as ngram's numba kernels) are paid before any measurement.
     if ! bench "$port" "$WARMUP_FILE" "$WARMUP_COUNT" "$WARMUP_COUNT" 16 "$log"; then
         echo "== $name: skipped: its warm-up failed (see $log)"
-        SKIPPED+=("$name: not run, the warm-up failed (see $log)")
+        SKIPPED+=("$name${tag:+ (round $round)}: not run, the warm-up failed (see $log)")
         stop_server
         return
     fi

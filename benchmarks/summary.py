@@ -28,15 +28,14 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from matplotlib.ticker import MultipleLocator
 
-from benchmarks.datasets import DEFAULT_SETS, EXTRA_SETS
+from benchmarks.datasets import EXTRA_SETS, RELATED_SETS, UNRELATED_SETS
 from benchmarks.labels import ALL_DATASETS, BASELINE
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("lookahead", "suffix", "ngram")
 GPU_NGRAM = "ngram_gpu"
 """vLLM's n-gram proposer on CUDA; the ngram column shows it where a run has it."""
-RELATED = "related"
-FOUR_SETS = frozenset(d for d in DEFAULT_SETS if d != RELATED)
+FOUR_SETS = frozenset(UNRELATED_SETS)
 EXTRA_KINDS = frozenset(EXTRA_SETS)
 SOURCE_GROUPS: dict[str, tuple[str, ...]] = {
     "own text": ("prompt", "output"),
@@ -109,7 +108,7 @@ class Run:
         named = self.meta.get("pooled_datasets")
         if named is not None:
             return frozenset(named)
-        return frozenset(d for _, d, _ in self.cells if d not in (ALL_DATASETS, RELATED))
+        return frozenset(d for _, d, _ in self.cells if d != ALL_DATASETS and d not in RELATED_SETS)
 
     def method_name(self, method: str) -> str:
         """The run's name for a column's method: on CUDA the ngram column is ngram_gpu."""

@@ -10,6 +10,7 @@ from benchmarks.tiny_model import make_prompts
 from benchmarks.tiny_model import tiny_model as build_tiny_model
 
 MAX_MODEL_LEN = 1024
+MAX_NEW_TOKENS = 48
 INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
 
@@ -21,7 +22,6 @@ def functions_to_workers():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(INSECURE_SERIALIZATION, "1")
         yield
-MAX_NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="session")

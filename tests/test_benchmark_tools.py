@@ -524,8 +524,10 @@ def test_the_serve_table_pairs_each_round_with_nones_of_the_same_round(tmp_path)
     for round_number, (none_rate, la_rate, la_ttft) in enumerate(
             [(100.0, 150.0, 33.0), (50.0, 60.0, 27.0)], start=1):
         meta = {"round": str(round_number)}  # vLLM bench stores --metadata values as strings
+        failed = {"failed": 1, "completed": 3} if round_number == 1 else {}
         results += [_bench_result("none", 8, none_rate, **meta),
-                    _bench_result("lookahead", 8, la_rate, **meta, p50_ttft_ms=la_ttft)]
+                    _bench_result("lookahead", 8, la_rate, **meta, p50_ttft_ms=la_ttft,
+                                  **failed)]
     for r in results:
         name = serve_bench.result_name(r["method"], 8, int(r["round"]))
         (tmp_path / name).write_text(json.dumps(r))
@@ -538,6 +540,8 @@ def test_the_serve_table_pairs_each_round_with_nones_of_the_same_round(tmp_path)
                                                                            ("2", "1.20")]
     assert rows[-1] == "| lookahead | 8 | 1.10 / 0.90 | 1.50 / 1.20 |"
     assert "TTFT p50 / none's, by round" in rows[-2]
+    # A failure names its round, the first one included.
+    assert "**lookahead at c=8 (round 1): 1 of 4 requests failed**" in text
     # One round: no round column and no paired table.
     one = [r for r in results if r["round"] == "1"]
     assert serve_bench.paired_rounds(one) == []
