@@ -14,10 +14,11 @@ MAX_NEW_TOKENS = 48
 INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
 
+@pytest.fixture(scope="module")
 def functions_to_workers():
-    """For the tests that send a function to vLLM's workers (`collective_rpc(fn)`), which vLLM
-    serializes with pickle only when VLLM_ALLOW_INSECURE_SERIALIZATION is set: a module-scoped
-    fixture that sets it, before the module's engines start, and unsets it after. The plugin
+    """For the modules whose tests send a function to vLLM's workers (`collective_rpc(fn)`),
+    which vLLM serializes with pickle only when VLLM_ALLOW_INSECURE_SERIALIZATION is set: set
+    before the module's engines start (`pytest.mark.usefixtures`), unset after. The plugin
     itself never needs it (`vllm_lookahead.engine_stats` reads the counters without RPC)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(INSECURE_SERIALIZATION, "1")

@@ -10,14 +10,16 @@ import importlib.util
 import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-from tests.test_server import server  # noqa: F401 (the server fixture, started for this module)
+from tests.test_server import (
+    metrics_text,
+    server,  # noqa: F401 (the server fixture, started for this module)
+)
 from vllm_lookahead import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "vllm-lookahead.json"
@@ -144,9 +146,8 @@ def test_unknown_metrics_reports_misspelt_and_mistyped_names():
 
 
 def scrape(port: int) -> set[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {m.group(0) for m in re.finditer(r"^vllm:[A-Za-z0-9_]+", text, re.MULTILINE)}
+    return {m.group(0) for m in re.finditer(r"^vllm:[A-Za-z0-9_]+", metrics_text(port),
+                                            re.MULTILINE)}
 
 
 @pytest.mark.engine

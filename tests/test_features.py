@@ -10,16 +10,11 @@ import math
 
 import pytest
 
-from tests.conftest import MAX_MODEL_LEN, functions_to_workers, make_llm, shutdown
+from tests.conftest import MAX_MODEL_LEN, make_llm, shutdown
 from vllm_lookahead.engine_requests import worker_stats
 
-pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _functions_to_workers():
-    """The chain log (`feature_probes`) is a set of functions sent to the worker."""
-    yield from functions_to_workers()
+# The chain log (`feature_probes`) is a set of functions sent to the worker.
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("functions_to_workers")]
 
 K = 6
 BUDGET = 256

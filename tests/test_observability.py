@@ -8,11 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import pytest
 
-from tests.test_server import free_port, server_command, serving
+from tests.test_server import free_port, metrics_text, server_command, serving
 
 pytestmark = pytest.mark.engine
 
@@ -56,10 +55,9 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     """/metrics as {(sample name, labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
-        text = r.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+            for family in text_string_to_metric_families(metrics_text(port))
+            for s in family.samples}
 
 
 def total(samples, name: str, **labels) -> float:

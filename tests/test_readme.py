@@ -1,19 +1,19 @@
 """The README's examples run: every Python block, and every server command, on the tiny model where
 the README names a real one (the install, demo and test commands are what CI itself runs)."""
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_server import free_port, serving
+from tests.test_server import free_port, metrics_text, serving
 
 pytestmark = pytest.mark.engine
 
@@ -56,8 +56,7 @@ def scrape_until(port: int, name: str, timeout: float = 10.0) -> str:
     """/metrics once it shows `name`: the engine writes its counters as it goes idle."""
     deadline = time.monotonic() + timeout
     while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-            text = response.read().decode()
+        text = metrics_text(port)
         if name in text or time.monotonic() > deadline:
             return text
         time.sleep(0.2)
@@ -76,8 +75,8 @@ def test_serve_command(index, tiny_model, tmp_path):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions", method="POST",
             headers={"Content-Type": "application/json"},
-            data=textwrap.dedent(f"""{{"model": "{tiny_model}", "prompt": "the cat",
-                                   "max_tokens": 8, "temperature": 0}}""").encode())
+            data=json.dumps({"model": tiny_model, "prompt": "the cat", "max_tokens": 8,
+                             "temperature": 0}).encode())
         with urllib.request.urlopen(request, timeout=120) as response:
             assert response.status == 200
         assert "vllm:lookahead_steps_total" in scrape_until(port, "vllm:lookahead_steps_total")

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,6 +46,18 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> Non
         except OSError:
             time.sleep(1)
     raise TimeoutError("server did not become healthy")
+
+
+def metrics_text(port: int) -> str:
+    """The server's /metrics, as Prometheus text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def sample_values(text: str, name: str) -> list[float]:
+    """The values of every sample of `name` (any labels) in Prometheus text."""
+    return [float(line.split()[-1]) for line in text.splitlines()
+            if re.match(rf"{re.escape(name)}(\{{|\s)", line)]
 
 
 @contextlib.contextmanager
@@ -140,11 +153,8 @@ def test_chat_completions_match(client, model_name, tokenizer, tiny_model):
 
 def test_server_exports_speculative_metrics(server, client, model_name, prompts):
     client.completions.create(model=model_name, prompt=prompts[0], max_tokens=32, temperature=0)
-    with urllib.request.urlopen(f"http://127.0.0.1:{server}/metrics") as r:
-        text = r.read().decode()
-    accepted = [line for line in text.splitlines()
-                if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
-    assert accepted and float(accepted[0].split()[-1]) > 0
+    accepted = sample_values(metrics_text(server), "vllm:spec_decode_num_accepted_tokens_total")
+    assert accepted and accepted[0] > 0
 
 
 def test_a_seeded_request_gets_the_same_tokens_after_other_traffic(client, model_name, prompts):

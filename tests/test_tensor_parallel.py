@@ -13,30 +13,31 @@ import json
 import os
 import re
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import (
     first_difference,
-    functions_to_workers,
     generate_tokens,
     greedy_params,
     make_llm,
     shutdown,
 )
-from tests.test_server import GREEDY, free_port, server_command, serving, token_ids
+from tests.test_server import (
+    GREEDY,
+    free_port,
+    metrics_text,
+    sample_values,
+    server_command,
+    serving,
+    token_ids,
+)
 from tests.worker_probes import drafts_digest, record_drafts
 from vllm_lookahead.engine_requests import worker_stats
 
-pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _functions_to_workers():
-    """Each rank's drafts are recorded by functions sent to the workers (`worker_probes`)."""
-    yield from functions_to_workers()
+# Each rank's drafts are recorded by functions sent to the workers (`worker_probes`).
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("functions_to_workers")]
 
 SPEC = {"method": "lookahead", "num_speculative_tokens": 6, "lookahead": {"ngram_size": 3}}
 N = 16
@@ -148,11 +149,9 @@ def test_server_tp2_matches_and_reports_once_per_engine(tp2_server, prompts, bas
                                        temperature=0, stream=True, extra_body=GREEDY)
     assert [t for c in stream for t in token_ids(c.choices[0])] == baseline[4]
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{tp2_server}/metrics") as r:
-        text = r.read().decode()
-    accepted = [line for line in text.splitlines()
-                if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
-    assert len(accepted) == 1 and float(accepted[0].split()[-1]) > 0
+    text = metrics_text(tp2_server)
+    accepted = sample_values(text, "vllm:spec_decode_num_accepted_tokens_total")
+    assert len(accepted) == 1 and accepted[0] > 0
     # The proposer's own metrics: one engine, not one per rank.
     engines = set(re.findall(r'^vllm:lookahead_\w+\{[^}]*engine="(\d+)"', text, re.M))
     assert engines == {"0"}
