@@ -657,3 +657,22 @@ def test_first_step_times_the_first_token_of_both_methods_and_the_proposer():
     none, lookahead = rows
     assert none[4] == "1.000" and none[5] == "-"
     assert float(lookahead[2]) > 0 and float(lookahead[5]) > 0
+
+
+@pytest.mark.engine
+def test_batch_split_times_prefill_and_decode_of_every_method():
+    """The whole script once on the tiny model: a row per method, in the order of the round."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_split", "--model", "tiny",
+                           "--dtype", "float32", "--batch", "2", "--max-tokens", "4", "--sets",
+                           "gsm8k", "--rounds", "1"], env=env, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 1 |")]
+    assert [row[1] for row in rows] == ["none", "lookahead", "lookahead, drafting off"]
+    for row in rows:
+        prefill, decode, total = map(float, row[3:])
+        # decode is a difference of two short timings on the tiny model: its sign is noise
+        assert row[2] == "gsm8k" and prefill > 0
+        assert total == pytest.approx(prefill + decode, abs=0.11)
