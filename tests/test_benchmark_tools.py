@@ -673,6 +673,7 @@ def test_batch_split_times_prefill_and_decode_of_every_method():
     assert [row[1] for row in rows] == ["none", "lookahead", "lookahead, drafting off"]
     for row in rows:
         prefill, decode, total = map(float, row[3:])
-        # decode is a difference of two short timings on the tiny model: its sign is noise
-        assert row[2] == "gsm8k" and prefill > 0
+        # On the tiny model both timings round to a few hundredths of a second and decode, a
+        # difference of two of them, can come out negative: only their sum is checked.
+        assert row[2] == "gsm8k" and prefill >= 0
         assert total == pytest.approx(prefill + decode, abs=0.11)
