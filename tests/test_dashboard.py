@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_server import (
-    metrics_text,
+    metric_samples,
     server,  # noqa: F401 (the server fixture, started for this module)
 )
 from vllm_lookahead import metrics
@@ -146,8 +146,7 @@ def test_unknown_metrics_reports_misspelt_and_mistyped_names():
 
 
 def scrape(port: int) -> set[str]:
-    return {m.group(0) for m in re.finditer(r"^vllm:[A-Za-z0-9_]+", metrics_text(port),
-                                            re.MULTILINE)}
+    return {name for name, _ in metric_samples(port) if name.startswith("vllm:")}
 
 
 @pytest.mark.engine

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_server import free_port, metrics_text, server_command, serving
+from tests.test_server import free_port, metric_samples, server_command, serving
 
 pytestmark = pytest.mark.engine
 
@@ -51,15 +51,6 @@ def model_name(client):
     return client.models.list().data[0].id
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """/metrics as {(sample name, labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(metrics_text(port))
-            for s in family.samples}
-
-
 def total(samples, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items()
                if n == name and set(labels.items()) <= ls)
@@ -70,7 +61,7 @@ def settled(port: int, timeout: float = 60) -> dict:
     exact totals when the engine goes idle)."""
     deadline = time.monotonic() + timeout
     while True:
-        samples = scrape(port)
+        samples = metric_samples(port)
         ours = total(samples, "vllm:lookahead_accepted_tokens_total")
         vllms = total(samples, "vllm:spec_decode_num_accepted_tokens_total")
         if (ours == vllms and total(samples, "vllm:lookahead_live_requests") == 0) \

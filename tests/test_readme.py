@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import free_port, metrics_text, serving
+from tests.test_server import free_port, metric_samples, serving
 
 pytestmark = pytest.mark.engine
 
@@ -52,13 +52,14 @@ def test_python_example(index, tiny_model, tmp_path):
     assert "RequestOutput" in result.stdout
 
 
-def scrape_until(port: int, name: str, timeout: float = 10.0) -> str:
-    """/metrics once it shows `name`: the engine writes its counters as it goes idle."""
+def scrape_until(port: int, name: str, timeout: float = 10.0) -> set[str]:
+    """The sample names on /metrics once they include `name`: the engine writes its counters as
+    it goes idle."""
     deadline = time.monotonic() + timeout
     while True:
-        text = metrics_text(port)
-        if name in text or time.monotonic() > deadline:
-            return text
+        names = {sample for sample, _ in metric_samples(port)}
+        if name in names or time.monotonic() > deadline:
+            return names
         time.sleep(0.2)
 
 

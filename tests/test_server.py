@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -48,16 +47,22 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> Non
     raise TimeoutError("server did not become healthy")
 
 
-def metrics_text(port: int) -> str:
-    """The server's /metrics, as Prometheus text."""
+Samples = dict[tuple[str, frozenset], float]
+
+
+def metric_samples(port: int) -> Samples:
+    """The server's /metrics as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-        return r.read().decode()
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def sample_values(text: str, name: str) -> list[float]:
-    """The values of every sample of `name` (any labels) in Prometheus text."""
-    return [float(line.split()[-1]) for line in text.splitlines()
-            if re.match(rf"{re.escape(name)}(\{{|\s)", line)]
+def sample_values(samples: Samples, name: str) -> list[float]:
+    """The values of every sample of `name`, whatever its labels."""
+    return [value for (sample, _), value in samples.items() if sample == name]
 
 
 @contextlib.contextmanager
@@ -153,7 +158,7 @@ def test_chat_completions_match(client, model_name, tokenizer, tiny_model):
 
 def test_server_exports_speculative_metrics(server, client, model_name, prompts):
     client.completions.create(model=model_name, prompt=prompts[0], max_tokens=32, temperature=0)
-    accepted = sample_values(metrics_text(server), "vllm:spec_decode_num_accepted_tokens_total")
+    accepted = sample_values(metric_samples(server), "vllm:spec_decode_num_accepted_tokens_total")
     assert accepted and accepted[0] > 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ from tests.conftest import (
 from tests.test_server import (
     GREEDY,
     free_port,
-    metrics_text,
+    metric_samples,
     sample_values,
     server_command,
     serving,
@@ -149,9 +148,10 @@ def test_server_tp2_matches_and_reports_once_per_engine(tp2_server, prompts, bas
                                        temperature=0, stream=True, extra_body=GREEDY)
     assert [t for c in stream for t in token_ids(c.choices[0])] == baseline[4]
 
-    text = metrics_text(tp2_server)
-    accepted = sample_values(text, "vllm:spec_decode_num_accepted_tokens_total")
+    samples = metric_samples(tp2_server)
+    accepted = sample_values(samples, "vllm:spec_decode_num_accepted_tokens_total")
     assert len(accepted) == 1 and accepted[0] > 0
     # The proposer's own metrics: one engine, not one per rank.
-    engines = set(re.findall(r'^vllm:lookahead_\w+\{[^}]*engine="(\d+)"', text, re.M))
+    engines = {dict(labels)["engine"] for name, labels in samples
+               if name.startswith("vllm:lookahead_") and "engine" in dict(labels)}
     assert engines == {"0"}
