@@ -23,8 +23,10 @@ from typing import Any
 from benchmarks import engine as eng
 from benchmarks.datasets import chat_prompts
 from benchmarks.labels import BASELINE
+from benchmarks.run import builtin_methods
 
-LOOKAHEAD = {"method": "lookahead", "num_speculative_tokens": 8}
+LOOKAHEAD = builtin_methods()["lookahead"]
+"""The harness's lookahead, at its K."""
 DRAFTING_OFF = {"lookahead": {"enabled": False}}
 METHODS: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]] = [
     (BASELINE, None, None),

@@ -23,8 +23,10 @@ from benchmarks import engine as eng
 from benchmarks.datasets import mixed_chat_prompts
 from benchmarks.labels import BASELINE
 from benchmarks.models import DEFAULT_MODEL
+from benchmarks.run import builtin_methods
 
-LOOKAHEAD = {"method": "lookahead", "num_speculative_tokens": 8}
+LOOKAHEAD = builtin_methods()["lookahead"]
+"""The harness's lookahead, at its K."""
 
 
 def one_token(seed: int) -> Any:

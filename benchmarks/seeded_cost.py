@@ -18,6 +18,7 @@ from typing import Any
 from benchmarks import engine as eng
 from benchmarks.datasets import mixed_chat_prompts
 from benchmarks.models import DEFAULT_MODEL
+from benchmarks.run import builtin_methods
 
 
 def sampled(max_tokens: int, seed: int | None) -> Any:
@@ -31,7 +32,7 @@ def sampled(max_tokens: int, seed: int | None) -> Any:
 def measure(cfg: eng.EngineConfig, tokenizer: Any, prompts: Sequence[Sequence[int]],
             max_tokens: int, seeded: bool, concurrency: int) -> tuple[float, float]:
     """(tokens per forward, output tokens/s) of the prompts on a fresh lookahead engine."""
-    with eng.engine(cfg, {"method": "lookahead", "num_speculative_tokens": 8}) as engine:
+    with eng.engine(cfg, builtin_methods()["lookahead"]) as engine:
         eng.warm_up(engine, tokenizer, concurrency)
         # vLLM takes one SamplingParams per call here: a seed per request needs one call each,
         # and every request of a call shares it; distinct seeds per prompt would change nothing
