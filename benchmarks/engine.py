@@ -379,7 +379,7 @@ def _combine(mine: Mapping[str, Any], other: Mapping[str, Any] | None,
 
 
 _GAUGES = frozenset({"config", "num_speculative_tokens", "live_requests", "pool_continuations",
-                     "pool_keys"})
+                     "pool_keys", "greedy_calibration", "sampled_calibration"})
 
 
 @dataclasses.dataclass(frozen=True)

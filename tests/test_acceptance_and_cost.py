@@ -3,10 +3,12 @@ import random
 import pytest
 
 from vllm_lookahead.acceptance import (
+    CALIBRATION_PRIOR,
     FILL_PRIMARY,
     MATCH_BUCKETS,
     NUM_FEATURES,
     AcceptanceModel,
+    calibration,
     copy_primary,
     feature,
     jacobi_primary,
@@ -66,6 +68,43 @@ def test_recent_outcomes_outweigh_old_ones():
     for _ in range(2000):
         model.observe([f], 0)
     assert model.p(f) < 0.1
+
+
+def test_the_calibration_catches_what_a_lagging_estimate_overpromises():
+    """A feature always accepted on one workload and half the time on the next: its estimate,
+    learned over thousands of verifications, still believes; the engine's calibration has moved
+    to the new workload within a thousand verified tokens."""
+    model = AcceptanceModel()
+    f = copy_feature(False, 16, True)
+    for _ in range(3000):
+        model.observe([f], 1)
+    rng = random.Random(2)
+    for _ in range(1000):
+        model.observe([f], int(rng.random() < 0.5))
+    engine = model.calibration
+    assert model.p(f) > 0.8
+    assert model.p(f) * calibration(engine.expected, engine.realized, 0.0, 0.0) == \
+        pytest.approx(0.5, abs=0.08)
+
+
+def test_a_chain_is_evidence_up_to_its_first_rejection():
+    model = AcceptanceModel()
+    f, g = copy_feature(False, 4, True), feature(jacobi_primary(1), 0)
+    p_f, p_g = model.p(f), model.p(g)
+    outcome = model.observe([f, g, g], 1)
+    assert (outcome.expected, outcome.realized) == (p_f + p_g, 1.0)
+    assert model.observe([f, g], 2).realized == 2.0
+    assert model.observe([], 0).expected == 0.0
+
+
+def test_a_request_starts_at_the_engines_calibration_and_moves_to_its_own():
+    assert calibration(0.0, 0.0, 0.0, 0.0) == 1.0
+    engine = (100.0, 50.0)
+    start = calibration(*engine, 0.0, 0.0)
+    assert start == pytest.approx((50.0 + CALIBRATION_PRIOR) / (100.0 + CALIBRATION_PRIOR))
+    # Its drafts accepted as priced: it leaves the engine's figure behind.
+    assert start < calibration(*engine, 4.0, 4.0) < calibration(*engine, 40.0, 40.0) < 1.0
+    assert calibration(*engine, 400.0, 400.0) == pytest.approx(1.0, abs=0.01)
 
 
 def test_cost_model_recovers_a_linear_step_cost():

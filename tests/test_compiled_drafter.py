@@ -51,6 +51,9 @@ class Twin:
         assert got == want, f"call {self.calls}: chains differ"
         assert self.new.stats.step_counts() == self.ref.stats.step_counts()
         assert self.new.stats.steps == self.ref.stats.steps
+        for greedy in (True, False):
+            assert (self.new.acceptance[greedy].calibration
+                    == self.ref.acceptance[greedy].calibration)
         return got
 
     def remove(self, req_id):

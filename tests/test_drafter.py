@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from vllm_lookahead.acceptance import Calibration
 from vllm_lookahead.config import LookaheadConfig, RequestOptions
 from vllm_lookahead.counters import Source
 from vllm_lookahead.drafter import LookaheadDrafter
@@ -291,6 +292,30 @@ def test_guess_set_size_changes_the_drafts():
 
     assert first_draft(1) == [8, 9]
     assert first_draft(2) == [6, 7]
+
+
+def test_a_chain_is_priced_with_its_requests_calibration():
+    """Where verification showed the estimates promise twice what is accepted, every token's
+    reach halves (the tokens stay the same); a request whose own drafts were accepted as priced
+    is drawn back towards them."""
+
+    def chain_after(engine, own):
+        eng = simulate(LookaheadConfig(), k=4, prompts=[[1, 2, 3, 4, 1, 2, 3]],
+                       drafter=ReferenceDrafter)
+        eng.step(["req-0"])
+        eng.drafter.acceptance[True].calibration = engine
+        state = eng.drafter.states["req-0"]
+        state.calibration = own
+        tokens = eng.tokens["req-0"]
+        return eng.drafter._compose(state, np.array(tokens), len(tokens))
+
+    honest = chain_after(Calibration(), Calibration())
+    doubted = chain_after(Calibration(1000.0, 500.0), Calibration())
+    vouched = chain_after(Calibration(1000.0, 500.0), Calibration(20.0, 20.0))
+    assert doubted.tokens == honest.tokens and len(honest.tokens) >= 2
+    assert doubted.reach[0] == pytest.approx(honest.reach[0] * 0.5, rel=0.01)
+    assert doubted.reach[1] == pytest.approx(honest.reach[1] * 0.25, rel=0.02)
+    assert doubted.reach[0] < vouched.reach[0] < honest.reach[0]
 
 
 def seeded_chains(seeded: bool, company: bool) -> list[list[int]]:

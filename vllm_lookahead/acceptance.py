@@ -10,12 +10,21 @@ that a change of workload is followed. Learning it online, rather than fixing we
 keeps the drafter honest on prompt kinds nobody tuned it for. Greedy and sampled requests learn
 apart: a sampled request accepts a draft with the target's probability of it, not its argmax.
 
+A feature's estimate moves only as fast as that feature is verified, and at high load few drafts
+are: after a workload where long matches always continue (code), the same evidence on prose is
+priced as if it still did, and the cut keeps drafts that are accepted far less often than it
+believes. So the model also keeps its *calibration*, accepted over expected acceptances of the
+tokens it priced, recent and engine-wide (per kind of request), and each request its own, which
+starts at the engine's and moves to what the request itself shows (`calibration`). A chain's
+reach is priced with the request's calibration; which token wins a position is not changed.
+
 `AcceptanceModel` is the plain-Python model the reference drafter runs; the compiled drafter keeps
 the same numbers in an `Acceptance` record (`learn`), initialised from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -23,7 +32,7 @@ import numpy as np
 from numba import types
 from numba.experimental import structref
 
-from vllm_lookahead.compiled import F64, F64_2D, RecordType, define_record, kernel
+from vllm_lookahead.compiled import F64, F64_2D, RecordType, define_record, jitable, kernel
 
 # Features: small integers. A token's *primary* feature is its strongest single piece of evidence
 # (its source and what that source knows); its *support* is how many other kinds of source propose
@@ -35,6 +44,14 @@ POOL_HITS = 3  # 1, 2, 3+ harvests of that continuation
 POOL_OFFSETS = 3  # position inside the n-gram: 0, 1, 2+
 JACOBI_OFFSETS = 4
 SUPPORT_LEVELS = 3  # no other kind of source agrees, one does, two or more do
+CALIBRATION_HALF_LIFE = 200
+"""Verified draft tokens over which the engine-wide calibration forgets half of what it saw:
+short, so that it follows a change of workload within the few drafts a loaded batch verifies."""
+CALIBRATION_PRIOR = 4.0
+"""The weight, in verified tokens, of where a calibration starts: the engine's at 1 (the features'
+estimates taken at their word), a request's at the engine's."""
+MAX_P = 0.999
+"""No draft token is certain."""
 _COPY_FEATURES = len(MATCH_BUCKETS) * 2  # x consistent
 _BASE_OWN = 0
 _BASE_SHARED = _BASE_OWN + _COPY_FEATURES
@@ -99,6 +116,39 @@ def _prior() -> np.ndarray:
     return p
 
 
+CALIBRATION_DECAY = 0.5 ** (1 / CALIBRATION_HALF_LIFE)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Acceptances expected by the features' estimates and realised, over verified tokens."""
+
+    expected: float = 0.0
+    realized: float = 0.0
+
+    def add(self, outcome: Calibration, decay: float = 1.0) -> None:
+        self.expected = self.expected * decay + outcome.expected
+        self.realized = self.realized * decay + outcome.realized
+
+    def factor(self) -> float:
+        """What a request with no evidence of its own is priced with, if this is the engine's."""
+        return float(calibration(self.expected, self.realized, 0.0, 0.0))
+
+
+@jitable
+def calibration(engine_expected, engine_realized, expected, realized):  # type: ignore[no-untyped-def]
+    """The factor a request's reach is priced with: realised over expected acceptances, the
+    engine's (for its kind of request) drawn towards 1 and the request's towards the engine's,
+    each by `CALIBRATION_PRIOR` tokens of belief."""
+    engine = (engine_realized + CALIBRATION_PRIOR) / (engine_expected + CALIBRATION_PRIOR)
+    return (realized + CALIBRATION_PRIOR * engine) / (expected + CALIBRATION_PRIOR)
+
+
+@jitable
+def calibrated(p, factor):  # type: ignore[no-untyped-def]
+    return min(p * factor, MAX_P)
+
+
 class AcceptanceModel:
     """P(accepted | the chain before it was accepted) per feature, learned online."""
 
@@ -109,16 +159,23 @@ class AcceptanceModel:
         self._decay = 0.5 ** (1 / half_life) if half_life > 0 else 1.0
         self._floor = prior_weight
         self._probs = (self.accepted / self.seen).tolist()
+        self.calibration = Calibration()
 
     def p(self, feature: int) -> float:
         return self._probs[feature]
 
-    def observe(self, features: Sequence[int], accepted: int) -> None:
+    def observe(self, features: Sequence[int], accepted: int) -> Calibration:
         """One verified chain: `features[:accepted]` were accepted, `features[accepted]` (if any)
-        rejected; the positions after it say nothing about their own tokens."""
+        rejected; the positions after it say nothing about their own tokens. Returns the chain's
+        own calibration evidence (expected and realised acceptances of the touched tokens)."""
         touched = features[:accepted + 1]
+        outcome = Calibration()
         if not touched:
-            return
+            return outcome
+        for f in touched:
+            outcome.expected += self._probs[f]
+        outcome.realized = float(min(accepted, len(touched)))
+        self.calibration.add(outcome, CALIBRATION_DECAY ** len(touched))
         decay = self._decay ** len(touched)
         for i, f in enumerate(touched):
             # Decay only what is touched, lazily: each feature keeps its recent history.
@@ -127,7 +184,8 @@ class AcceptanceModel:
             self.seen[f] += 1.0
             if i < accepted:
                 self.accepted[f] += 1.0
-            self._probs[f] = float(min(self.accepted[f] / self.seen[f], 0.999))
+            self._probs[f] = float(min(self.accepted[f] / self.seen[f], MAX_P))
+        return outcome
 
     def table(self) -> list[float]:
         return list(self._probs)
@@ -152,6 +210,9 @@ ACCEPTANCE = define_record(AcceptanceType, Acceptance, [
     ("p", F64_2D),  # the estimate
     ("floor", types.float64),  # `seen` decays no lower (the prior's weight)
     ("decay_powers", F64),  # decay ** n: the same powers the reference computes
+    ("expected", F64),  # [row]: the engine's calibration (`Calibration`) per kind of request
+    ("realized", F64),
+    ("calibration_powers", F64),  # CALIBRATION_DECAY ** n
 ])
 
 
@@ -167,26 +228,41 @@ def acceptance_tables(max_chain: int) -> dict[str, np.ndarray | float]:
         "floor": float(model._floor),
         # Precomputed in Python, so that no pow() of compiled code can differ in the last bit.
         "decay_powers": np.array([model._decay ** n for n in range(max_chain + 2)]),
+        "calibration_powers": np.array([CALIBRATION_DECAY ** n for n in range(max_chain + 2)]),
+        "expected": np.zeros(rows),
+        "realized": np.zeros(rows),
     }
 
 
 @kernel
 def new_acceptance(accepted: np.ndarray, seen: np.ndarray, p: np.ndarray, floor: float,
-                   decay_powers: np.ndarray) -> Acceptance:
-    """A record over these arrays (not copies: Python reads `p` where the kernels write it)."""
+                   decay_powers: np.ndarray, calibration_powers: np.ndarray,
+                   expected: np.ndarray, realized: np.ndarray) -> Acceptance:
+    """A record over these arrays (not copies: Python reads `p`, `expected` and `realized`
+    where the kernels write them)."""
     model = structref.new(ACCEPTANCE)
     model.accepted, model.seen, model.p = accepted, seen, p
     model.floor, model.decay_powers = floor, decay_powers
+    model.calibration_powers, model.expected, model.realized = (calibration_powers, expected,
+                                                                realized)
     return model
 
 
 @kernel
 def learn(model: Acceptance, row: int, features: np.ndarray, touched: int,
-          accepted: int) -> None:
+          accepted: int) -> tuple[float, float]:
     """`AcceptanceModel.observe` of one verified chain: its first `touched` features, of which
-    the first `accepted` were accepted. The PRIOR row never learns."""
+    the first `accepted` were accepted; returns its calibration evidence (expected, realised).
+    The PRIOR row never learns."""
     if touched == 0 or row == PRIOR:
-        return
+        return 0.0, 0.0
+    expected = 0.0
+    for i in range(touched):
+        expected += model.p[row, features[i]]
+    realized = float(min(accepted, touched))
+    powers = model.calibration_powers[touched]
+    model.expected[row] = model.expected[row] * powers + expected
+    model.realized[row] = model.realized[row] * powers + realized
     decay, floor = model.decay_powers[touched], model.floor
     for i in range(touched):
         f = features[i]
@@ -195,4 +271,5 @@ def learn(model: Acceptance, row: int, features: np.ndarray, touched: int,
         model.seen[row, f] += 1.0
         if i < accepted:
             model.accepted[row, f] += 1.0
-        model.p[row, f] = min(model.accepted[row, f] / model.seen[row, f], 0.999)
+        model.p[row, f] = min(model.accepted[row, f] / model.seen[row, f], MAX_P)
+    return expected, realized

@@ -28,6 +28,7 @@ from numba import from_dtype, types
 from numba.experimental import structref
 
 from vllm_lookahead import context_index, jacobi_window, ngram_cache
+from vllm_lookahead.acceptance import calibrated
 from vllm_lookahead.compiled import (
     F64_2D,
     I32,
@@ -182,12 +183,13 @@ def _kinds_agreeing(kinds: int) -> int:
 
 
 @kernel
-def compose(settings: ChainSettings, p_of: np.ndarray, request: RequestState,
-            corpus: context_index.TextIndex, tokens: np.ndarray, length: int, chains: Chains,
-            row: int, bids: Bids, floor: float) -> int:
+def compose(settings: ChainSettings, p_of: np.ndarray, calibration: float,
+            request: RequestState, corpus: context_index.TextIndex, tokens: np.ndarray,
+            length: int, chains: Chains, row: int, bids: Bids, floor: float) -> int:
     """Row `row`'s chain (tokens, reach, sources, features) for a request with `length`
     committed `tokens`; returns its length. `p_of` is the request's row of the acceptance
-    model; `corpus` its namespace's shared text (an empty index if it does not share). Stops
+    model, `calibration` what its reach is priced with (`acceptance.calibration`); `corpus` its
+    namespace's shared text (an empty index if it does not share). Stops
     after the first token whose reach is below `floor` (no later token could survive the
     cut); never reaches past max_model_len."""
     index, pool, window = request.index, request.pool, request.window
@@ -269,7 +271,7 @@ def compose(settings: ChainSettings, p_of: np.ndarray, request: RequestState,
             p = p_of[f]
             if best < 0 or p > best_p:
                 best, best_p, best_feature = i, p, f
-        reach = reach * best_p
+        reach = reach * calibrated(best_p, calibration)
         winner = items[best]
         token = winner.token
         out_tokens[n], out_sources[n], out_features[n] = token, winner.source, best_feature
@@ -282,7 +284,7 @@ def compose(settings: ChainSettings, p_of: np.ndarray, request: RequestState,
         run_node, run_position = winner.run_node, winner.run_position
         run_key_len, run_hits = winner.run_key_len, winner.run_hits
     if n < budget and jacobi_window.can_pad(window) and reach >= floor:
-        p_fill = p_of[settings.fill_feature]
+        p_fill = calibrated(p_of[settings.fill_feature], calibration)
         while n < budget:
             reach = reach * p_fill
             out_tokens[n] = jacobi_window.fill_token(window)

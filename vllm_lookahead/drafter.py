@@ -33,6 +33,7 @@ from vllm_lookahead.acceptance import (
     PRIOR,
     SAMPLED,
     SUPPORT_LEVELS,
+    Calibration,
     acceptance_tables,
     copy_primary,
     jacobi_primary,
@@ -117,10 +118,11 @@ class SlotHandle:
 
 
 class AcceptanceView:
-    """One row (greedy or sampled) of the compiled acceptance model."""
+    """One row (greedy or sampled) of the compiled acceptance model (`acceptance_tables`)."""
 
-    def __init__(self, p: np.ndarray, row: int) -> None:
-        self._p = p
+    def __init__(self, tables: dict[str, Any], row: int) -> None:
+        self._tables = tables
+        self._p = tables["p"]
         self._row = row
 
     def p(self, feature: int) -> float:
@@ -128,6 +130,11 @@ class AcceptanceView:
 
     def table(self) -> list[float]:
         return self._p[self._row].tolist()
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration(float(self._tables["expected"][self._row]),
+                           float(self._tables["realized"][self._row]))
 
 
 class _ChainBuffers:
@@ -186,9 +193,8 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
     def _build_state(self) -> None:
         cfg, k = self.cfg, self.k
         tables = acceptance_tables(k)
-        self._p = tables["p"]
-        self.acceptance = {True: AcceptanceView(self._p, GREEDY),
-                           False: AcceptanceView(self._p, SAMPLED)}
+        self.acceptance = {True: AcceptanceView(tables, GREEDY),
+                           False: AcceptanceView(tables, SAMPLED)}
         self._counters = np.zeros(1, dtype=KERNEL_COUNTERS)
         self._buffers = _ChainBuffers(16, k)
         self._fixed_bytes = sum(np.asarray(a).nbytes for a in tables.values()) + \
@@ -481,4 +487,6 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         d["shared_tokens"] = len(self.shared)
         d["token_cost_s"] = self.cost.token_cost
         d["step_cost_fit"] = self.cost.theta.tolist()
+        d["greedy_calibration"] = self.acceptance[True].calibration.factor()
+        d["sampled_calibration"] = self.acceptance[False].calibration.factor()
         return d

@@ -78,6 +78,11 @@ GAUGES: dict[str, tuple[str, str]] = {
     "shared_tokens": ("shared_tokens", "Tokens held in the cross-request corpus."),
     "token_cost_s": ("token_cost_seconds",
                      "The step-cost model's seconds per verified token (what the cut weighs)."),
+    "greedy_calibration": ("greedy_calibration",
+                           "Accepted over expected acceptances of recently verified drafts of "
+                           "greedy requests: what a new request's chain is priced with."),
+    "sampled_calibration": ("sampled_calibration",
+                            "The same for sampled requests."),
     "num_speculative_tokens": ("num_speculative_tokens",
                                "The engine's chain budget K (draft tokens per request per step)."),
 }

@@ -39,6 +39,8 @@ REQUEST_STATE = define_record(RequestStateType, RequestState, [
     ("issued_features", I32),  # ... and the feature each was priced by
     ("own_hint", types.int64),  # the orders that matched at the last chain's first token
     ("shared_hint", types.int64),
+    ("expected", types.float64),  # its own calibration (`acceptance.Calibration`)
+    ("realized", types.float64),
 ])
 
 
@@ -61,6 +63,7 @@ def new_request_state(memory: np.ndarray, pool_shape: tuple[int, int, int], max_
     request.namespace = NO_NAMESPACE
     request.independent = False
     request.own_hint = request.shared_hint = 0
+    request.expected = request.realized = 0.0
     return request
 
 

@@ -246,8 +246,10 @@ def _learn(state: DrafterState, request: rs.RequestState, counters: np.ndarray, 
     for i in range(min(accepted, issued)):
         counters.accepted_by_source[sources[i]] += 1
     touched = min(min(verified, issued), accepted + 1)
-    acceptance.learn(state.acceptance, request.acceptance_row, request.issued_features, touched,
-                     accepted)
+    expected, realized = acceptance.learn(state.acceptance, request.acceptance_row,
+                                          request.issued_features, touched, accepted)
+    request.expected += expected
+    request.realized += realized
 
 
 @kernel
@@ -310,6 +312,17 @@ def _issue(state: DrafterState, rows: np.ndarray, counters: np.ndarray) -> int:
     return total
 
 
+@kernel(inline=True)
+def _calibration(state: DrafterState, request: rs.RequestState) -> float:
+    """What the request's reach is priced with (1: an independent request drafts by the
+    prior alone)."""
+    if request.independent:
+        return 1.0
+    model, row = state.acceptance, request.acceptance_row
+    return acceptance.calibration(model.expected[row], model.realized[row], request.expected,
+                                  request.realized)
+
+
 @kernel
 def step(state: DrafterState, rows: np.ndarray, token_ids: np.ndarray, num_tokens: np.ndarray,
          drafts: np.ndarray, predictions: np.ndarray, step_seconds: float) -> int:
@@ -348,9 +361,9 @@ def step(state: DrafterState, rows: np.ndarray, token_ids: np.ndarray, num_token
         namespace = request.namespace
         corpus = state.no_corpus if namespace == rs.NO_NAMESPACE else state.corpora[namespace]
         chains.independent[r] = request.independent
-        n = chain.compose(settings, p_of[request.acceptance_row], request, corpus, token_ids[r],
-                          np.int64(num_tokens[r]), chains, r, state.bids,
-                          own_floor if request.independent else floor)
+        n = chain.compose(settings, p_of[request.acceptance_row], _calibration(state, request),
+                          request, corpus, token_ids[r], np.int64(num_tokens[r]), chains, r,
+                          state.bids, own_floor if request.independent else floor)
         chains.length[r] = n
         total += n
     if settings.adaptive and live > 0:

@@ -31,6 +31,9 @@ import numpy as np
 from vllm_lookahead.acceptance import (
     FILL_FEATURE,
     AcceptanceModel,
+    Calibration,
+    calibrated,
+    calibration,
     copy_primary,
     feature,
     jacobi_primary,
@@ -75,6 +78,15 @@ class RequestState:
         self.num_committed = -1
         self.last_token = -1
         self.issued = Chain()
+        self.calibration = Calibration()
+
+    def calibration_factor(self) -> float:
+        """What its reach is priced with (`acceptance.calibration`)."""
+        if self.independent:
+            return 1.0
+        engine = self.acceptance.calibration
+        return calibration(engine.expected, engine.realized, self.calibration.expected,
+                           self.calibration.realized)
 
 
 class ReferenceDrafter(BaseDrafter[RequestState]):
@@ -218,7 +230,7 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         for source in issued.sources[:accepted]:
             self.stats.accepted_by_source[source] += 1
         if not state.independent:
-            state.acceptance.observe(issued.features[:verified], accepted)
+            state.calibration.add(state.acceptance.observe(issued.features[:verified], accepted))
 
     def _compose(self, state: RequestState, tokens: np.ndarray, length: int,
                  floor: float = 0.0) -> Chain:
@@ -235,6 +247,7 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         shared = self.shared.index(state.namespace) if state.share and not state.independent \
             else None
         run: tuple[Candidate, int] | None = None
+        factor = state.calibration_factor()
         while len(chain.tokens) < budget:
             pos = len(chain.tokens)
             bid = self._best_bid(state, shared, context, guesses[pos] if pos < len(guesses)
@@ -242,11 +255,11 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
             if bid is None:
                 break
             p, token, source, feat, run = bid
-            chain.push(token, source, feat, p)
+            chain.push(token, source, feat, calibrated(p, factor))
             context.append(token)
             if chain.reach[-1] < floor:
                 break
-        p_fill = state.acceptance.p(FILL_FEATURE)
+        p_fill = calibrated(state.acceptance.p(FILL_FEATURE), factor)
         for token in state.window.random_fill(self._fill_count(chain, budget, p_fill,
                                                                floor)).tolist():
             chain.push(token, Source.FILL, FILL_FEATURE, p_fill)
@@ -340,4 +353,6 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         d["shared_tokens"] = len(self.shared)
         d["token_cost_s"] = self.cost.token_cost
         d["step_cost_fit"] = self.cost.theta.tolist()
+        d["greedy_calibration"] = self.acceptance[True].calibration.factor()
+        d["sampled_calibration"] = self.acceptance[False].calibration.factor()
         return d
