@@ -8,6 +8,7 @@ from vllm_lookahead.acceptance import (
     MATCH_BUCKETS,
     NUM_FEATURES,
     AcceptanceModel,
+    calibrated,
     calibration,
     copy_primary,
     feature,
@@ -95,6 +96,12 @@ def test_a_chain_is_evidence_up_to_its_first_rejection():
     assert (outcome.expected, outcome.realized) == (p_f + p_g, 1.0)
     assert model.observe([f, g], 2).realized == 2.0
     assert model.observe([], 0).expected == 0.0
+
+
+def test_a_calibration_only_ever_lowers_a_price():
+    assert calibrated(0.8, 0.5) == pytest.approx(0.4)
+    assert calibrated(0.8, 1.5) == 0.8
+    assert calibrated(0.999, 1.0) == 0.999
 
 
 def test_a_request_starts_at_the_engines_calibration_and_moves_to_its_own():

@@ -16,7 +16,8 @@ priced as if it still did, and the cut keeps drafts that are accepted far less o
 believes. So the model also keeps its *calibration*, accepted over expected acceptances of the
 tokens it priced, recent and engine-wide (per kind of request), and each request its own, which
 starts at the engine's and moves to what the request itself shows (`calibration`). A chain's
-reach is priced with the request's calibration; which token wins a position is not changed.
+reach is priced with the request's calibration where it is below 1 (`calibrated`); which token
+wins a position is not changed.
 
 `AcceptanceModel` is the plain-Python model the reference drafter runs; the compiled drafter keeps
 the same numbers in an `Acceptance` record (`learn`), initialised from it.
@@ -146,7 +147,12 @@ def calibration(engine_expected, engine_realized, expected, realized):  # type: 
 
 @jitable
 def calibrated(p, factor):  # type: ignore[no-untyped-def]
-    return min(p * factor, MAX_P)
+    """`p` priced with a calibration `factor`, which only ever lowers it. A draft priced too high
+    costs throughput wherever it is verified, and at high load the cut keeps exactly the drafts
+    priced highest, so over-promising is what must be caught; one priced too low costs only a
+    chance, and the features learn from it as it is verified. Nor is a factor measured mostly
+    on unlikely drafts (long chains at low load) a measure of likely ones."""
+    return p * min(factor, 1.0)
 
 
 class AcceptanceModel:
