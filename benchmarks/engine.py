@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.models import MODELS, ensure_model
 from vllm_lookahead.config import MAX_SPEC_LEN
-from vllm_lookahead.metrics import STATS_PATH_ENV
+from vllm_lookahead.metrics import GAUGES, STATS_PATH_ENV
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,6 +119,8 @@ class EngineConfig:
     enforce_eager: bool
     async_scheduling: bool | None = None
     """None lets vLLM decide (it turns async scheduling off for most speculative methods)."""
+    iteration_details: bool = False
+    """vLLM's per-step details in its scheduler stats (`benchmarks.step_log` reads them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,9 @@ def engine(cfg: EngineConfig, speculative_config: Mapping[str, Any] | None) -> I
                       # prefill costs the same in every cell, whatever ran before it.
                       enable_prefix_caching=False,
                       disable_log_stats=False,
+                      # Only when asked, so that a vLLM without this argument runs the rest.
+                      **({"enable_logging_iteration_details": True}
+                         if cfg.iteration_details else {}),
                       speculative_config=dict(speculative_config) if speculative_config else None)
         finally:
             os.environ.pop(STATS_PATH_ENV, None)
@@ -378,8 +383,7 @@ def _combine(mine: Mapping[str, Any], other: Mapping[str, Any] | None,
     return out
 
 
-_GAUGES = frozenset({"config", "num_speculative_tokens", "live_requests", "pool_continuations",
-                     "pool_keys", "greedy_calibration", "sampled_calibration"})
+_GAUGES = frozenset({"config", *GAUGES})
 
 
 @dataclasses.dataclass(frozen=True)

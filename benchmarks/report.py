@@ -300,17 +300,20 @@ def _lookahead(cells: Sequence[Row]) -> list[str]:
                      _num(la["propose_ms_per_step"]), _num(la["propose_share_of_wall"], ".1%"),
                      _num(la["pool_max_per_request"], ".0f"),
                      _cost_fit(la.get("step_cost_fit_ms")),
+                     _num(la.get("greedy_calibration")),
                      *(f"{la['accepted_by_source'].get(s, 0)}/{la['drafted_by_source'].get(s, 0)}"
                        for s in sources)])
     return ["## Lookahead proposer", "",
             *_table(["method", "dataset", "c", "propose ms/step", "of wall", "pool max/request",
-                     "step cost fit a / b / c ms",
+                     "step cost fit a / b / c ms", "calibration",
                      *(s.removeprefix("candidate_") for s in sources)], rows), "",
             "pool max/request: most n-gram continuations held per live request, sampled about "
             "once a second while requests ran (- if no sample fell in). step cost fit: the "
             "step-cost model at the last sample, ms per step (a), per row (b) and per verified "
             "token (c); the cut keeps a draft token of reach q while q times the step's cost "
-            "exceeds c times its expected tokens. Per source (as the "
+            "exceeds c times its expected tokens. calibration: greedy requests' realized over "
+            "expected acceptances at the last sample, which prices their chains where it is "
+            "below 1. Per source (as the "
             "drafter names them: the prompt, the request's output, other requests' outputs, "
             "the Jacobi trajectory or guesses, random fill): accepted / drafted tokens."]
 

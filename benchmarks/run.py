@@ -580,6 +580,8 @@ def lookahead_figures(proposer: dict[str, Any], wall_s: float,
         # and per verified token (None in runs too short for a sample).
         "step_cost_fit_ms": ([round(1000 * v, 3) for v in samples[-1]["step_cost_fit"]]
                              if samples else None),
+        # And greedy requests' calibration then (older stats files have none).
+        "greedy_calibration": samples[-1].get("greedy_calibration") if samples else None,
     }
 
 

@@ -362,18 +362,30 @@ def test_lookahead_figures_keep_the_step_cost_fit_of_the_last_sample():
     samples = [{"live_requests": 2, "pool_continuations": 8,
                 "step_cost_fit": [0.05, 0.001, 0.002]},
                {"live_requests": 0, "pool_continuations": 0,
-                "step_cost_fit": [0.04, 0.0005, 0.003]}]
+                "step_cost_fit": [0.04, 0.0005, 0.003], "greedy_calibration": 0.9}]
     figures = run.lookahead_figures(proposer, 1.0, samples)
     assert figures["step_cost_fit_ms"] == pytest.approx([40.0, 0.5, 3.0])
+    assert figures["greedy_calibration"] == 0.9
     assert figures["pool_max_per_request"] == 4.0
     assert run.lookahead_figures(proposer, 1.0, [])["step_cost_fit_ms"] is None
     from benchmarks import report
 
     row = {"method": "lookahead", "dataset": "mtbench", "concurrency": 1, "lookahead": figures}
-    assert "| 0.20 | 0.2% | 4 | 40.00 / 0.50 / 3.00 | 3/5 |" in "\n".join(report._lookahead([row]))
-    # Results written before the fit was recorded have no such key.
-    old = {**row, "lookahead": {k: v for k, v in figures.items() if k != "step_cost_fit_ms"}}
-    assert "| 4 | - | 3/5 |" in "\n".join(report._lookahead([old]))
+    assert ("| 0.20 | 0.2% | 4 | 40.00 / 0.50 / 3.00 | 0.90 | 3/5 |"
+            in "\n".join(report._lookahead([row])))
+    # Results written before the fit and the calibration were recorded have no such keys.
+    old = {**row, "lookahead": {k: v for k, v in figures.items()
+                                if k not in ("step_cost_fit_ms", "greedy_calibration")}}
+    assert "| 4 | - | - | 3/5 |" in "\n".join(report._lookahead([old]))
+
+
+def test_a_cells_proposer_delta_differences_counters_and_drops_gauges():
+    from vllm_lookahead.metrics import GAUGES
+
+    gauges = dict.fromkeys(GAUGES, 7.0)
+    before = engine.Counters(proposer={"steps": 4, "accepted_by_source": {"prompt": 1}, **gauges})
+    after = engine.Counters(proposer={"steps": 10, "accepted_by_source": {"prompt": 3}, **gauges})
+    assert after.minus(before).proposer == {"steps": 6, "accepted_by_source": {"prompt": 2}}
 
 
 # --- your own prompts (`benchmarks.run --prompts`, vLLM's custom dataset format) -------------
@@ -677,3 +689,20 @@ def test_batch_split_times_prefill_and_decode_of_every_method():
         # difference of two of them, can come out negative: only their sum is checked.
         assert row[2] == "gsm8k" and prefill >= 0
         assert total == pytest.approx(prefill + decode, abs=0.11)
+
+
+def test_step_log_fits_decode_steps_and_prices_prefills_beyond_the_fit():
+    from benchmarks import step_log
+
+    def step(rows, drafts, prefill_tokens=0):
+        ms = 20.0 + 0.5 * rows + 2.0 * (rows + drafts) + 1.5 * prefill_tokens
+        return step_log.Step(ms, ms, rows, rows + drafts, drafts, bool(prefill_tokens),
+                             prefill_tokens)
+
+    steps = [step(r, d) for r in (8, 16, 32) for d in (0, 3, 9)] + [step(30, 4, 200)]
+    assert step_log.decode_fit(steps) == pytest.approx([20.0, 0.5, 2.0])
+    # Without drafts a row and a verified token are the same regressor: c alone carries both.
+    plain = [step(r, 0) for r in (8, 16, 32)]
+    assert step_log.decode_fit(plain) == pytest.approx([20.0, 0.0, 2.5])
+    line = step_log.summary_row("1: lookahead", 1.0, steps)
+    assert "| 20.0 / 0.50 / 2.00 |" in line and "| 0.3 s, 1.500 ms/token |" in line
