@@ -122,6 +122,24 @@ def test_stop_token_ids_and_min_tokens(base, la, short_prompts, free_run):
     assert all(len(o[0][0]) >= 20 for o in out)
 
 
+def test_a_stop_at_exactly_min_tokens_ends_the_request(base, la, short_prompts, free_run):
+    """vLLM samples a chain's bonus token with the min-tokens mask of the step's start, so a
+    whole chain accepted across `min_tokens` would hide a stop the model emits right there; the
+    drafter keeps chains short of that (`chain.bonus_clear_of_min_tokens`). Every request stops on
+    the token its free run has at position m, with min_tokens=m, for every m."""
+    from vllm import SamplingParams
+
+    prompts, plans = [], []
+    for prompt, runs in zip(short_prompts, free_run, strict=True):
+        tokens = runs[0][0]
+        for m in range(4, len(tokens) - 8):
+            prompts.append(prompt)
+            plans.append(SamplingParams(temperature=0.0, max_tokens=48, min_tokens=m,
+                                        stop_token_ids=[tokens[m]]))
+    out = assert_same(base, la, prompts, plans)
+    assert all(len(o[0][0]) > p.min_tokens for o, p in zip(out, plans, strict=True))
+
+
 def test_eos_ends_requests(base, la, short_prompts, tokenizer):
     """EOS is a stop token like any other: a chain that runs past it is cut there. The tiny
     random model emits EOS only when a grammar makes it likely (greedy outputs without one never

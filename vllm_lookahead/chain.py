@@ -37,6 +37,7 @@ from vllm_lookahead.compiled import (
     RecordType,
     borrowed,
     define_record,
+    jitable,
     kernel,
 )
 from vllm_lookahead.counters import Source
@@ -182,6 +183,18 @@ def _kinds_agreeing(kinds: int) -> int:
     return (kinds & 1) + ((kinds >> 1) & 1) + ((kinds >> 2) & 1) + ((kinds >> 3) & 1)
 
 
+@jitable
+def bonus_clear_of_min_tokens(stops_masked_until, length):  # type: ignore[no-untyped-def]
+    """The longest chain whose bonus token falls where `min_tokens` no longer masks the stop
+    tokens, for a request with `length` committed tokens. vLLM masks a chain's draft positions by
+    their place but samples the bonus token after them with the mask of the step's start, so a
+    whole chain accepted across `min_tokens` would hide a stop the model emits there (vLLM 0.32,
+    every speculative method). No limit once the request is past it, or without `min_tokens`."""
+    if length >= stops_masked_until:
+        return 1 << 30
+    return max(stops_masked_until - length - 1, 0)
+
+
 @kernel
 def compose(settings: ChainSettings, p_of: np.ndarray, calibration: float,
             request: RequestState, corpus: context_index.TextIndex, tokens: np.ndarray,
@@ -197,7 +210,8 @@ def compose(settings: ChainSettings, p_of: np.ndarray, calibration: float,
     support, max_hits = settings.support_levels, settings.max_hits
     copy_primary, pool_primary = borrowed(settings.copy_primary), borrowed(settings.pool_primary)
     jacobi_primary = borrowed(settings.jacobi_primary)
-    budget = min(request.budget, settings.max_model_len - length - 1)
+    budget = min(request.budget, settings.max_model_len - length - 1,
+                 bonus_clear_of_min_tokens(request.stops_masked_until, length))
     if budget <= 0:
         return 0  # the window keeps what it issued last
     context, hashes, items = borrowed(bids.context), borrowed(bids.hashes), borrowed(bids.items)

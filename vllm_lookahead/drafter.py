@@ -397,6 +397,7 @@ class LookaheadDrafter(BaseDrafter[SlotHandle]):
         admission["num_prompt"] = num_prompt
         admission["last_token"] = int(tokens[num_prompt - 1])
         admission["budget"] = info.options.chain_budget(self.k)
+        admission["stops_masked_until"] = info.stops_masked_until
         namespace = self._namespace_id(info.options.namespace) if share else NO_NAMESPACE
         # A seeded request drafts from its own tokens only: by the prior, from no corpus, kept
         # whole by the cut (its output may still join the corpus for other requests).

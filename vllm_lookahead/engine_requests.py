@@ -48,13 +48,15 @@ class RunnerRequests:
         check_attributes("CachedRequestState", owner)
         params = owner.sampling_params
         stops = params.all_stop_token_ids if params is not None else ()
+        num_prompt = int(self._runner.input_batch.num_prompt_tokens[row])
         return RequestInfo(owner=owner,
-                           num_prompt_tokens=int(self._runner.input_batch.num_prompt_tokens[row]),
+                           num_prompt_tokens=num_prompt,
                            stop_token_ids=frozenset(int(t) for t in stops),
                            options=request_options(req_id, params),
                            greedy=_is_greedy(params),
                            prompt_mask=prompt_mask(owner),
                            max_new_tokens=params.max_tokens if params is not None else None,
+                           stops_masked_until=_stops_masked_until(num_prompt, params, stops),
                            seeded=_is_seeded(params))
 
     def prefilled(self, req_id: str) -> int:
@@ -127,6 +129,14 @@ def drafter_token_ids(runner: Any, token_ids_cpu: np.ndarray, num_tokens: np.nda
     for row, mask in masked:
         tokens[row, :len(mask)][~mask] = -1
     return tokens
+
+
+def _stops_masked_until(num_prompt: int, params: Any, stops: Any) -> int:
+    """Where vLLM's `min_tokens` stops masking the request's stop tokens, as a committed length."""
+    min_tokens = getattr(params, "min_tokens", 0) if params is not None else 0
+    if not min_tokens or not stops:
+        return 0
+    return num_prompt + int(min_tokens)
 
 
 def _is_seeded(params: Any) -> bool:

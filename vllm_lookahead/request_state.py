@@ -31,6 +31,7 @@ REQUEST_STATE = define_record(RequestStateType, RequestState, [
     ("committed", types.int64),  # tokens committed when the state was last brought up to date
     ("last_token", types.int64),  # the last of them (a change means vLLM rolled back)
     ("budget", types.int64),  # draft tokens per step at most (the request's own limit)
+    ("stops_masked_until", types.int64),  # committed length where `min_tokens` ends (0: none)
     ("acceptance_row", types.int64),  # `acceptance.GREEDY`, `SAMPLED` or `PRIOR`
     ("namespace", types.int64),  # its shared corpus's id, or NO_NAMESPACE
     ("independent", types.boolean),  # drafts from its own tokens only (a seeded request)
@@ -60,6 +61,7 @@ def new_request_state(memory: np.ndarray, pool_shape: tuple[int, int, int], max_
     memory[0] += request.issued_sources.nbytes + request.issued_features.nbytes
     request.num_prompt = request.committed = request.last_token = 0
     request.budget = request.acceptance_row = request.issued_length = 0
+    request.stops_masked_until = 0
     request.namespace = NO_NAMESPACE
     request.independent = False
     request.own_hint = request.shared_hint = 0

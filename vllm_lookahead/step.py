@@ -32,6 +32,7 @@ ADMISSION = np.dtype([
     ("num_prompt", np.int64),
     ("last_token", np.int64),
     ("budget", np.int64),
+    ("stops_masked_until", np.int64),
     ("acceptance_row", np.int64),
     ("namespace", np.int64),
     ("independent", np.bool_),
@@ -112,6 +113,7 @@ def admit(state: DrafterState, slot: int, admission: np.ndarray, fill: np.ndarra
                                    state.lineage_len, fill, stops, a.seed)
     request.num_prompt = request.committed = a.num_prompt
     request.last_token, request.budget = a.last_token, a.budget
+    request.stops_masked_until = a.stops_masked_until
     request.acceptance_row, request.namespace = a.acceptance_row, a.namespace
     request.independent = a.independent
     context_index.reserve(request.index, a.reserve)

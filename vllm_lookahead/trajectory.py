@@ -68,6 +68,9 @@ class RequestInfo:
     """The request samples with its own `seed`: its drafts then depend on its own tokens and the
     engine's configuration only (no shared corpus, no learned acceptance, no batch-wide cut), so
     that it draws the same random numbers, and gets the same tokens, from run to run."""
+    stops_masked_until: int = 0
+    """The committed length (prompt and output) below which vLLM masks the stop tokens (the
+    prompt plus `min_tokens`); 0: no such mask."""
 
 
 class RequestSource(Protocol):

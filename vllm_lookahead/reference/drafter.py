@@ -39,7 +39,7 @@ from vllm_lookahead.acceptance import (
     jacobi_primary,
     pool_primary,
 )
-from vllm_lookahead.chain import INDEPENDENT_REACH_FLOOR
+from vllm_lookahead.chain import INDEPENDENT_REACH_FLOOR, bonus_clear_of_min_tokens
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.counters import LookaheadStats, Source
 from vllm_lookahead.drafter import SWEEP_EVERY_STEPS, BaseDrafter
@@ -63,6 +63,7 @@ class RequestState:
         self.owner = info.owner
         self.num_prompt_tokens = info.num_prompt_tokens
         self.budget = budget
+        self.stops_masked_until = info.stops_masked_until
         self.acceptance = acceptance
         self.namespace = info.options.namespace
         self.share = info.options.share and cfg.shared_pool_tokens > 0
@@ -238,7 +239,8 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens,
         never past max_model_len, and no further than the first token whose reach is below
         `floor`, since the cut keeps no token below it (`CostModel.reach_floor`)."""
-        budget = min(state.budget, self.max_model_len - length - 1)
+        budget = min(state.budget, self.max_model_len - length - 1,
+                     bonus_clear_of_min_tokens(state.stops_masked_until, length))
         chain = Chain()
         if budget <= 0:
             return chain
