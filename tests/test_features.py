@@ -125,7 +125,7 @@ def test_stop_token_ids_and_min_tokens(base, la, short_prompts, free_run):
 def test_a_stop_at_exactly_min_tokens_ends_the_request(base, la, short_prompts, free_run):
     """vLLM samples a chain's bonus token with the min-tokens mask of the step's start, so a
     whole chain accepted across `min_tokens` would hide a stop the model emits right there; the
-    drafter keeps chains short of that (`chain.bonus_clear_of_min_tokens`). Every request stops on
+    drafter keeps chains short of that (`chain.chain_limit`). Every request stops on
     the token its free run has at position m, with min_tokens=m, for every m."""
     from vllm import SamplingParams
 

@@ -184,15 +184,17 @@ def _kinds_agreeing(kinds: int) -> int:
 
 
 @jitable
-def bonus_clear_of_min_tokens(stops_masked_until, length):  # type: ignore[no-untyped-def]
-    """The longest chain whose bonus token falls where `min_tokens` no longer masks the stop
-    tokens, for a request with `length` committed tokens. vLLM masks a chain's draft positions by
-    their place but samples the bonus token after them with the mask of the step's start, so a
-    whole chain accepted across `min_tokens` would hide a stop the model emits there (vLLM 0.32,
-    every speculative method). No limit once the request is past it, or without `min_tokens`."""
-    if length >= stops_masked_until:
-        return 1 << 30
-    return max(stops_masked_until - length - 1, 0)
+def chain_limit(request_budget, max_model_len, stops_masked_until, length):  # type: ignore[no-untyped-def]
+    """The most draft tokens a request with `length` committed tokens may be issued: its own
+    budget, never past max_model_len, and, while `min_tokens` masks its stop tokens, short enough
+    that the bonus token after the chain falls where the mask has ended. vLLM masks a chain's
+    draft positions by their place but samples the bonus token with the mask of the step's start,
+    so a whole chain accepted across `min_tokens` would hide a stop the model emits there (vLLM
+    0.32, every speculative method)."""
+    budget = min(request_budget, max_model_len - length - 1)
+    if length < stops_masked_until:
+        budget = min(budget, stops_masked_until - length - 1)
+    return budget
 
 
 @kernel
@@ -210,8 +212,8 @@ def compose(settings: ChainSettings, p_of: np.ndarray, calibration: float,
     support, max_hits = settings.support_levels, settings.max_hits
     copy_primary, pool_primary = borrowed(settings.copy_primary), borrowed(settings.pool_primary)
     jacobi_primary = borrowed(settings.jacobi_primary)
-    budget = min(request.budget, settings.max_model_len - length - 1,
-                 bonus_clear_of_min_tokens(request.stops_masked_until, length))
+    budget = chain_limit(request.budget, settings.max_model_len, request.stops_masked_until,
+                          length)
     if budget <= 0:
         return 0  # the window keeps what it issued last
     context, hashes, items = borrowed(bids.context), borrowed(bids.hashes), borrowed(bids.items)

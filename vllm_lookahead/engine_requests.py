@@ -133,7 +133,7 @@ def drafter_token_ids(runner: Any, token_ids_cpu: np.ndarray, num_tokens: np.nda
 
 def _stops_masked_until(num_prompt: int, params: Any, stops: Any) -> int:
     """Where vLLM's `min_tokens` stops masking the request's stop tokens, as a committed length."""
-    min_tokens = getattr(params, "min_tokens", 0) if params is not None else 0
+    min_tokens = getattr(params, "min_tokens", 0)
     if not min_tokens or not stops:
         return 0
     return num_prompt + int(min_tokens)

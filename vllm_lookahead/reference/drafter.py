@@ -39,7 +39,7 @@ from vllm_lookahead.acceptance import (
     jacobi_primary,
     pool_primary,
 )
-from vllm_lookahead.chain import INDEPENDENT_REACH_FLOOR, bonus_clear_of_min_tokens
+from vllm_lookahead.chain import INDEPENDENT_REACH_FLOOR, chain_limit
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.counters import LookaheadStats, Source
 from vllm_lookahead.drafter import SWEEP_EVERY_STEPS, BaseDrafter
@@ -239,8 +239,7 @@ class ReferenceDrafter(BaseDrafter[RequestState]):
         with the best-priced bid, then seeded prompt tokens once nobody bids; at most K tokens,
         never past max_model_len, and no further than the first token whose reach is below
         `floor`, since the cut keeps no token below it (`CostModel.reach_floor`)."""
-        budget = min(state.budget, self.max_model_len - length - 1,
-                     bonus_clear_of_min_tokens(state.stops_masked_until, length))
+        budget = chain_limit(state.budget, self.max_model_len, state.stops_masked_until, length)
         chain = Chain()
         if budget <= 0:
             return chain
