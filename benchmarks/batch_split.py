@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks import engine as eng
 from benchmarks.datasets import chat_prompts
 from benchmarks.labels import BASELINE
-from benchmarks.run import builtin_methods
+from benchmarks.methods import builtin_methods
 
 LOOKAHEAD = builtin_methods()["lookahead"]
 """The harness's lookahead, at its K."""

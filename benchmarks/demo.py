@@ -16,8 +16,11 @@ from typing import Any
 
 from benchmarks import engine as eng
 from benchmarks.datasets import chat_prompts
+from benchmarks.figures import summarize
+from benchmarks.labels import BASELINE
+from benchmarks.methods import Method
 from benchmarks.models import DEFAULT_MODEL, MODELS
-from benchmarks.run import BASELINE, Method, measure, summarize
+from benchmarks.run import measure
 
 DEMO_SETS = ("mtbench", "humaneval", "gsm8k", "summarization")
 # The plugin's own defaults, K included.

@@ -22,8 +22,8 @@ from typing import Any
 from benchmarks import engine as eng
 from benchmarks.datasets import mixed_chat_prompts
 from benchmarks.labels import BASELINE
+from benchmarks.methods import builtin_methods
 from benchmarks.models import DEFAULT_MODEL
-from benchmarks.run import builtin_methods
 
 LOOKAHEAD = builtin_methods()["lookahead"]
 """The harness's lookahead, at its K."""

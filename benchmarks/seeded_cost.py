@@ -17,8 +17,8 @@ from typing import Any
 
 from benchmarks import engine as eng
 from benchmarks.datasets import mixed_chat_prompts
+from benchmarks.methods import builtin_methods
 from benchmarks.models import DEFAULT_MODEL
-from benchmarks.run import builtin_methods
 
 
 def sampled(max_tokens: int, seed: int | None) -> Any:

@@ -51,10 +51,11 @@ def result_name(method: str, concurrency: int, round_number: int | None = None) 
 
 def speculative_configs(names: str, k: int) -> dict[str, dict[str, Any] | None]:
     """The harness's methods (the same speculative configs at K = k), in the order given."""
-    from benchmarks import run
+    from benchmarks import methods
 
-    builtins = run.builtin_methods(k)
-    aliases = {run.SUFFIX_DEFAULT_ALIAS: run.suffix_default_name(run.SUFFIX_DEFAULT_DEPTH)}
+    builtins = methods.builtin_methods(k)
+    aliases = {methods.SUFFIX_DEFAULT_ALIAS:
+               methods.suffix_default_name(methods.SUFFIX_DEFAULT_DEPTH)}
     chosen = list(dict.fromkeys(aliases.get(n.strip(), n.strip())
                                 for n in names.split(",") if n.strip()))
     unknown = [n for n in chosen if n not in builtins]
@@ -69,18 +70,18 @@ def plan_cells(path: Path, concurrencies: Sequence[int], num_prompts: str, outpu
     """The file's lines as `custom`-dataset records and, per concurrency, the indices of its own
     consecutive slice (the harness's slicing: no prompt reaches a server twice, so a cache of
     earlier responses can recall only other requests' answers)."""
-    from benchmarks import datasets, run
+    from benchmarks import datasets, prompt_plan
 
     try:
         found = datasets.read_prompt_file(path)
     except ValueError as e:
         raise SystemExit(f"prompts: {e}") from None
-    sizes = run.cell_sizes(concurrencies, run.parse_num_prompts(num_prompts))
+    sizes = prompt_plan.cell_sizes(concurrencies, prompt_plan.parse_num_prompts(num_prompts))
     try:
-        slices = run.slice_prompts(list(range(len(found.prompts))), sizes)
+        slices = prompt_plan.slice_prompts(list(range(len(found.prompts))), sizes)
     except ValueError as e:
-        raise SystemExit(f"prompts {path}: {e} ({run.sizes_text(sizes)}); add prompts, or ask "
-                         "for fewer with NUM_PROMPTS or fewer concurrencies") from None
+        raise SystemExit(f"prompts {path}: {e} ({prompt_plan.sizes_text(sizes)}); add prompts, "
+                         "or ask for fewer with NUM_PROMPTS or fewer concurrencies") from None
     used = [found.prompts[i] for indices in slices.values() for i in indices]
     if len(set(used)) < len(used):
         raise SystemExit(f"prompts {path}: the same prompt twice in the cells: each prompt may "

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks import engine as eng
 from benchmarks.datasets import chat_prompts
 from benchmarks.labels import BASELINE
-from benchmarks.run import builtin_methods
+from benchmarks.methods import builtin_methods
 
 METHODS: list[tuple[str, dict[str, Any] | None]] = [
     (BASELINE, None), ("lookahead", builtin_methods()["lookahead"])]

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,9 @@ def first_difference(expected: list[list[int]], actual: list[list[int]]) -> str 
             return f"prompt {i}: first difference at output token {pos}: {e[pos:pos + 5]} vs " \
                    f"{a[pos:pos + 5]}"
     return None
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    """A prompt file in vLLM's `custom` dataset format, one JSON text a line."""
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
