@@ -1,8 +1,8 @@
 """The compiled drafter against the reference: the same random traffic through the simulated engine
 drives both (`Twin` hands every call to each), and every step's chains must be identical, as must
 the statistics. Traffic: arrivals and finishes, rollbacks, skipped proposals, chains the scheduler
-cut short, per-request options and namespaces, prompt masks, stop tokens, greedy, sampled and
-seeded requests, adaptive chains with deterministic step times."""
+cut short, per-request options and namespaces, prompt masks, stop tokens and min_tokens, greedy,
+sampled and seeded requests, adaptive chains with deterministic step times."""
 
 from __future__ import annotations
 
@@ -99,9 +99,10 @@ def add_request(eng, rng):
         mask = [i >= cut for i in range(len(prompt))]
     stops = frozenset(rng.sample(range(VOCAB), 2)) if rng.random() < 0.3 else frozenset()
     max_new_tokens = rng.choice([None, rng.randint(1, 120)])
+    min_tokens = rng.choice([0, 0, rng.randint(1, 60)])
     return eng.add(prompt, random_options(rng), mask, greedy=rng.random() < 0.7,
                    stop_token_ids=stops, max_new_tokens=max_new_tokens,
-                   seeded=rng.random() < 0.2)
+                   seeded=rng.random() < 0.2, min_tokens=min_tokens)
 
 
 def drive(seed, cfg, k, adaptive, steps=60, prefill_chunk=None):

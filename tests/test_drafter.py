@@ -114,6 +114,26 @@ def test_chain_never_exceeds_k_or_max_model_len():
         assert len(eng.drafts[rid]) <= max(0, MAX_LEN - len(eng.tokens[rid]) - 1)
 
 
+@pytest.mark.parametrize("drafter", [LookaheadDrafter, ReferenceDrafter])
+def test_a_chain_below_min_tokens_leaves_its_bonus_token_inside_the_mask(drafter):
+    """vLLM masks the stop tokens at the bonus position by the step's start, so a chain that could
+    be accepted whole up to `min_tokens` would hide a stop emitted there: below it, a chain ends
+    one short of the mask's end; from it on, the chain is free."""
+    k, prompt, min_tokens = 8, [1, 2], 20
+    eng = simulate(LookaheadConfig(ngram_size=4, window_size=5), k=k, prompts=[], drafter=drafter)
+    rid = eng.add(prompt, stop_token_ids=frozenset({model(prompt)}), min_tokens=min_tokens)
+    masked_until = len(prompt) + min_tokens
+    longest_after = 0
+    while len(eng.tokens[rid]) < masked_until + 2 * k:
+        eng.step([rid])
+        length = len(eng.tokens[rid])
+        if length < masked_until:
+            assert len(eng.drafts[rid]) <= masked_until - length - 1, length
+        else:
+            longest_after = max(longest_after, len(eng.drafts[rid]))
+    assert longest_after == k  # the cap ends with the mask
+
+
 def test_rollback_and_skipped_steps_resync_from_committed_tokens():
     eng = simulate(LookaheadConfig(ngram_size=3, window_size=3), k=5, prompts=[[1, 2, 3]])
     rid = "req-0"

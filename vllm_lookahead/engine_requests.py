@@ -12,7 +12,7 @@ import numpy as np
 from vllm_lookahead.config import LookaheadConfigError, RequestOptions
 from vllm_lookahead.log import get_logger
 from vllm_lookahead.runner_hooks import is_lookahead, reports_removals
-from vllm_lookahead.trajectory import RequestInfo
+from vllm_lookahead.trajectory import RequestInfo, stops_masked_until
 from vllm_lookahead.vllm_boundary import UnsupportedVLLMError, check_attributes, vllm_version
 
 logger = get_logger(__name__)
@@ -47,16 +47,17 @@ class RunnerRequests:
         owner = self._runner.requests[req_id]
         check_attributes("CachedRequestState", owner)
         params = owner.sampling_params
-        stops = params.all_stop_token_ids if params is not None else ()
+        stops = frozenset() if params is None else frozenset(map(int, params.all_stop_token_ids))
         num_prompt = int(self._runner.input_batch.num_prompt_tokens[row])
         return RequestInfo(owner=owner,
                            num_prompt_tokens=num_prompt,
-                           stop_token_ids=frozenset(int(t) for t in stops),
+                           stop_token_ids=stops,
                            options=request_options(req_id, params),
                            greedy=_is_greedy(params),
                            prompt_mask=prompt_mask(owner),
                            max_new_tokens=params.max_tokens if params is not None else None,
-                           stops_masked_until=_stops_masked_until(num_prompt, params, stops),
+                           stops_masked_until=stops_masked_until(
+                               num_prompt, int(getattr(params, "min_tokens", 0) or 0), stops),
                            seeded=_is_seeded(params))
 
     def prefilled(self, req_id: str) -> int:
@@ -129,14 +130,6 @@ def drafter_token_ids(runner: Any, token_ids_cpu: np.ndarray, num_tokens: np.nda
     for row, mask in masked:
         tokens[row, :len(mask)][~mask] = -1
     return tokens
-
-
-def _stops_masked_until(num_prompt: int, params: Any, stops: Any) -> int:
-    """Where vLLM's `min_tokens` stops masking the request's stop tokens, as a committed length."""
-    min_tokens = getattr(params, "min_tokens", 0)
-    if not min_tokens or not stops:
-        return 0
-    return num_prompt + int(min_tokens)
 
 
 def _is_seeded(params: Any) -> bool:

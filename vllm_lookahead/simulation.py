@@ -46,11 +46,12 @@ class SimulatedEngine:
     def add(self, prompt: Sequence[int], options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
             stop_token_ids: frozenset[int] = frozenset(),
-            max_new_tokens: int | None = None, seeded: bool = False) -> str:
+            max_new_tokens: int | None = None, seeded: bool = False,
+            min_tokens: int = 0) -> str:
         """A new request `req-<n>`; it joins the batch at the next `run`."""
         rid = f"req-{len(self.tokens)}"
         self.requests.add(rid, len(prompt), options, prompt_mask, greedy, stop_token_ids,
-                          max_new_tokens, seeded)
+                          max_new_tokens, seeded, min_tokens)
         self.tokens[rid] = list(prompt)
         self.drafts[rid] = []
         if self.prefill_chunk is not None:

@@ -73,6 +73,12 @@ class RequestInfo:
     prompt plus `min_tokens`); 0: no such mask."""
 
 
+def stops_masked_until(num_prompt_tokens: int, min_tokens: int,
+                       stop_token_ids: frozenset[int]) -> int:
+    """`RequestInfo.stops_masked_until` of a request with vLLM's `min_tokens`."""
+    return num_prompt_tokens + min_tokens if min_tokens and stop_token_ids else 0
+
+
 class RequestSource(Protocol):
     reports_removals: bool
     """Whether the drafter's `remove` is called for every request the engine drops, before
@@ -102,11 +108,14 @@ class Requests:
     def add(self, rid: str, prompt_len: int, options: RequestOptions | None = None,
             prompt_mask: Sequence[bool] | None = None, greedy: bool = True,
             stop_token_ids: frozenset[int] = frozenset(),
-            max_new_tokens: int | None = None, seeded: bool = False) -> None:
+            max_new_tokens: int | None = None, seeded: bool = False,
+            min_tokens: int = 0) -> None:
         mask = None if prompt_mask is None else np.array(prompt_mask, dtype=bool)
-        self._infos[rid] = RequestInfo(object(), prompt_len, stop_token_ids,
-                                       options or RequestOptions(), greedy, mask, max_new_tokens,
-                                       seeded)
+        self._infos[rid] = RequestInfo(
+            owner=object(), num_prompt_tokens=prompt_len, stop_token_ids=stop_token_ids,
+            options=options or RequestOptions(), greedy=greedy, prompt_mask=mask,
+            max_new_tokens=max_new_tokens, seeded=seeded,
+            stops_masked_until=stops_masked_until(prompt_len, min_tokens, stop_token_ids))
 
     def remove(self, rid: str) -> None:
         del self._infos[rid]
