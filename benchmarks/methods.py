@@ -126,7 +126,8 @@ def select_methods(names: str, grid: str, k: int = DEFAULT_K, *,
 
 
 def unavailable_methods(device: str) -> dict[str, str]:
-    """Why built-in methods cannot run here; asks vLLM, so call after `eng.configure_env`."""
+    """Why built-in methods cannot run here. It asks vLLM, so call it after
+    `benchmarks.engine.configure_env`."""
     why: dict[str, str] = {}
     if suffix := _suffix_unavailable():
         why["suffix"] = why[suffix_default_name(vllm_suffix_depth())] = suffix

@@ -123,14 +123,18 @@ def test_a_chain_below_min_tokens_leaves_its_bonus_token_inside_the_mask(drafter
     eng = simulate(LookaheadConfig(ngram_size=4, window_size=5), k=k, prompts=[], drafter=drafter)
     rid = eng.add(prompt, stop_token_ids=frozenset({model(prompt)}), min_tokens=min_tokens)
     masked_until = len(prompt) + min_tokens
-    longest_after = 0
+    capped, longest_after = [], 0
     while len(eng.tokens[rid]) < masked_until + 2 * k:
         eng.step([rid])
         length = len(eng.tokens[rid])
         if length < masked_until:
-            assert len(eng.drafts[rid]) <= masked_until - length - 1, length
+            room = masked_until - length - 1
+            assert len(eng.drafts[rid]) <= room, length
+            if room < k:
+                capped.append(len(eng.drafts[rid]) == room)
         else:
             longest_after = max(longest_after, len(eng.drafts[rid]))
+    assert capped and all(capped)  # the chain fills the room it has: the cap is no tighter
     assert longest_after == k  # the cap ends with the mask
 
 

@@ -99,7 +99,8 @@ def test_no_copy_without_masked_positions():
 
 def test_runner_requests_hand_the_mask_to_the_drafter():
     params = SimpleNamespace(extra_args=None, all_stop_token_ids={2}, max_tokens=None,
-                             sampling_type=SimpleNamespace(name="GREEDY"), seed=None)
+                             sampling_type=SimpleNamespace(name="GREEDY"), seed=None,
+                             min_tokens=0)
     s = state(prompt_token_ids=None, sampling_params=params)
     r = SimpleNamespace(requests={"a": s},
                         input_batch=SimpleNamespace(num_prompt_tokens=np.array([4])))

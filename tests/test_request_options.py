@@ -103,7 +103,8 @@ def test_the_hook_is_installed_once_over_vllms_method():
 class FakeRunner:
     def __init__(self, extra_args):
         params = SimpleNamespace(extra_args=extra_args, all_stop_token_ids={2}, max_tokens=9,
-                                 sampling_type=SimpleNamespace(name="GREEDY"), seed=None)
+                                 sampling_type=SimpleNamespace(name="GREEDY"), seed=None,
+                                 min_tokens=0)
         state = SimpleNamespace(sampling_params=params, num_prompt_tokens=5,
                                 prompt_token_ids=[1, 2, 3, 4, 5], prompt_is_token_ids=None,
                                 mm_features=[])

@@ -57,7 +57,7 @@ class RunnerRequests:
                            prompt_mask=prompt_mask(owner),
                            max_new_tokens=params.max_tokens if params is not None else None,
                            stops_masked_until=stops_masked_until(
-                               num_prompt, int(getattr(params, "min_tokens", 0) or 0), stops),
+                               num_prompt, params.min_tokens if params is not None else 0, stops),
                            seeded=_is_seeded(params))
 
     def prefilled(self, req_id: str) -> int:

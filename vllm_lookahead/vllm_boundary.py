@@ -139,10 +139,12 @@ TOUCHPOINTS = (
         on_mismatch=_REFUSED),
     Touchpoint(
         "vllm.sampling_params.SamplingParams", Action.READS, Side.WORKER,
-        fields=("all_stop_token_ids", "extra_args", "sampling_type", "max_tokens", "seed"),
+        fields=("all_stop_token_ids", "extra_args", "sampling_type", "max_tokens", "seed",
+                "min_tokens"),
         why="stop tokens (never Jacobi guesses), the request's lookahead options (namespace "
-            "isolation among them), greedy or sampled, the output budget, and whether it is "
-            "seeded (its drafts must then depend on its own tokens only)",
+            "isolation among them), greedy or sampled, the output budget, whether it is "
+            "seeded (its drafts must then depend on its own tokens only), and where min_tokens "
+            "stops masking the stop tokens (a chain's bonus token must not fall inside the mask)",
         on_mismatch=_REFUSED),
     Touchpoint(
         "vllm.distributed.parallel_state.get_tp_group", Action.READS, Side.WORKER,
