@@ -105,13 +105,7 @@ def select_methods(names: str, grid: str, k: int = DEFAULT_K, *,
         raise SystemExit(f"--k {k}: must be in [1, {MAX_SPEC_LEN}]")
     builtins = builtin_methods(k, suffix_depth, reuse_prompts)
     default_suffix = suffix_default_name(suffix_depth)
-    aliases = {SUFFIX_DEFAULT_ALIAS: default_suffix}
-    chosen = list(dict.fromkeys(aliases.get(n.strip(), n.strip())
-                                for n in names.split(",") if n.strip()))
-    unknown = [n for n in chosen if n not in builtins]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(builtins)} "
-                         f"({SUFFIX_DEFAULT_ALIAS} = {default_suffix})")
+    chosen = chosen_names(names, builtins, suffix_depth, "--methods")
     if "lookahead" in chosen:
         try:
             LookaheadConfig().resolve_num_speculative_tokens(k, window_given=False)
@@ -123,6 +117,21 @@ def select_methods(names: str, grid: str, k: int = DEFAULT_K, *,
     ordered = [BASELINE, *(n for n in chosen if n != BASELINE and n not in skipped)]
     methods = [Method(n, builtins[n]) for n in ordered]
     return methods + parse_grid(grid, k, reuse_prompts), skipped
+
+
+def chosen_names(names: str, builtins: Mapping[str, Any], suffix_depth: int,
+                 option: str) -> list[str]:
+    """The comma-separated method names, each once in the order given, `SUFFIX_DEFAULT_ALIAS`
+    resolved; an unknown name stops the run, naming `option`."""
+    default_suffix = suffix_default_name(suffix_depth)
+    aliases = {SUFFIX_DEFAULT_ALIAS: default_suffix}
+    chosen = list(dict.fromkeys(aliases.get(n.strip(), n.strip())
+                                for n in names.split(",") if n.strip()))
+    unknown = [n for n in chosen if n not in builtins]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {unknown}; known: {', '.join(builtins)} "
+                         f"({SUFFIX_DEFAULT_ALIAS} = {default_suffix})")
+    return chosen
 
 
 def unavailable_methods(device: str) -> dict[str, str]:

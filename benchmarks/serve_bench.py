@@ -54,14 +54,9 @@ def speculative_configs(names: str, k: int) -> dict[str, dict[str, Any] | None]:
     from benchmarks import methods
 
     builtins = methods.builtin_methods(k)
-    aliases = {methods.SUFFIX_DEFAULT_ALIAS:
-               methods.suffix_default_name(methods.SUFFIX_DEFAULT_DEPTH)}
-    chosen = list(dict.fromkeys(aliases.get(n.strip(), n.strip())
-                                for n in names.split(",") if n.strip()))
-    unknown = [n for n in chosen if n not in builtins]
-    if unknown or not chosen:
-        raise SystemExit(f"methods: unknown {unknown or 'none given'}; known: "
-                         f"{', '.join(builtins)}")
+    chosen = methods.chosen_names(names, builtins, methods.SUFFIX_DEFAULT_DEPTH, "methods")
+    if not chosen:
+        raise SystemExit(f"methods: none given; known: {', '.join(builtins)}")
     return {name: builtins[name] for name in chosen}
 
 
