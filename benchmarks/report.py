@@ -66,7 +66,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("**Incomplete: the run stopped before every method was measured.**")
     if meta["quick"]:
         lines.append("**Quick smoke run of the harness: tiny random model, timings mean nothing.**")
-    lines += ["", *_summary(cells, meta), "", *_rounds(results.get("rounds", [])), "",
+    lines += ["", *_summary(cells, meta), "",
+              *_rounds(results.get("rounds", []), meta.get("interleave", False)), "",
               *_versus(cells), "", *_throughput(cells), "",
               *_per_position(cells, meta), "", *_lookahead(cells), "",
               *_equality(cells, meta["dtype"]), ""]
@@ -167,7 +168,7 @@ def _summary(cells: Sequence[Row], meta: dict[str, Any]) -> list[str]:
             f"`{ALL}` pools the sets named in the header's note."]
 
 
-def _rounds(rows: Sequence[Row]) -> list[str]:
+def _rounds(rows: Sequence[Row], interleaved: bool = False) -> list[str]:
     """Each round's speed-up over `none` of the same round, and how often each method led."""
     if not rows:
         return []
@@ -187,8 +188,12 @@ def _rounds(rows: Sequence[Row]) -> list[str]:
     return ["## Rounds", "",
             *_table(["method", "c", "dataset", *(f"round {r + 1}" for r in range(count)),
                      "median", f"above `{BASELINE}`", "first"], table), "",
-            "Each round ran every method on a fresh engine over the same prompts, the order "
-            f"reversed every other round; a round's figure is output tokens/s over `{BASELINE}`'s "
+            ("Each round loaded every method's engine afresh, all at once, and ran each cell with "
+             "every method in turn, the order reversed from cell to cell"
+             if interleaved else
+             "Each round ran every method on a fresh engine over the same prompts, the order "
+             "reversed every other round")
+            + f"; a round's figure is output tokens/s over `{BASELINE}`'s "
             "in the same round. above: rounds faster than it; first: rounds in which the method "
             "was the fastest of those drafting."]
 

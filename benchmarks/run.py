@@ -26,14 +26,18 @@ With --rounds R every method runs R times, each round on fresh engines over the 
 the methods' order reversed every other round (A B, B A, A B, ...), so that a drift of the
 machine's speed falls on both sides of a comparison. The tables pool the rounds; the rounds
 table gives each round's speed-up over `none` of the same round, which shows whether a gap
-smaller than the run-to-run noise has a consistent sign.
+smaller than the run-to-run noise has a consistent sign. With --interleave a round loads every
+method's engine at once and runs each cell with every method in turn (A B, then B A in the next
+cell): the pair of a cell is then minutes apart at most, not a whole method run.
 
-Writes results.json, results.md and PNG plots under --out, after every method.
+Writes results.json, results.md and PNG plots under --out, after every method (every round with
+--interleave).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -86,31 +90,85 @@ def measure(method: Method, cfg: eng.EngineConfig,
     """Every cell of `plan` (dataset -> concurrency -> prompts) on one engine for `method`,
     concurrency by concurrency."""
     started = time.perf_counter()
-    concurrencies = sorted({c for by_c in plan.values() for c in by_c})
-    cells = []
     with eng.engine(cfg, method.speculative_config) as engine:
-        vllm_config = engine.llm.llm_engine.vllm_config
-        info = {"name": method.name, "round": round_index,
-                "speculative_config": method.speculative_config,
-                "engine_start_s": round(time.perf_counter() - started, 1),
-                # vLLM turns async scheduling off for most speculative methods; say so next to
-                # the numbers it affects.
-                "async_scheduling": vllm_config.scheduler_config.async_scheduling,
-                "num_speculative_tokens": getattr(vllm_config.speculative_config,
-                                                  "num_speculative_tokens", None)}
-        eng.warm_up(engine, tokenizer, max(concurrencies))
-        for concurrency in concurrencies:
-            for dataset, by_c in plan.items():
-                prompts = by_c[concurrency]
-                progress = Progress(f"{method.name} {dataset} c={concurrency}", len(prompts),
-                                    params.max_tokens)
-                before = eng.read_counters(engine)
-                batch = eng.generate(engine, prompts, params, concurrency, progress)
-                cells.append(Cell(method.name, dataset, concurrency, batch,
-                                  eng.read_counters(engine).minus(before), round_index))
-                print_progress(cells[-1])
+        info = engine_info(method, engine, started, round_index)
+        eng.warm_up(engine, tokenizer, max(_concurrencies(plan)))
+        cells = [measure_cell(method, engine, dataset, concurrency, prompts, params, round_index)
+                 for concurrency, dataset, prompts in cell_order(plan)]
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     return cells, info
+
+
+def measure_interleaved(methods: Sequence[Method], cfg: eng.EngineConfig,
+                        plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]], params: Any,
+                        tokenizer: Any, round_index: int = 0
+                        ) -> tuple[list[Cell], list[dict[str, Any]]]:
+    """Every cell of `plan` for every method, with all the methods' engines loaded at once and
+    each cell run by every method in turn, the order reversed from one cell to the next: a
+    drift of the machine's speed during the round falls on both sides of every cell's pair."""
+    cells: list[Cell] = []
+    infos: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        engines = {}
+        for method in methods:
+            started = time.perf_counter()
+            engines[method.name] = stack.enter_context(eng.engine(cfg, method.speculative_config))
+            infos[method.name] = engine_info(method, engines[method.name], started, round_index)
+            eng.warm_up(engines[method.name], tokenizer, max(_concurrencies(plan)))
+        for method, concurrency, dataset, prompts in interleaved_order(methods, plan):
+            cells.append(measure_cell(method, engines[method.name], dataset, concurrency,
+                                      prompts, params, round_index))
+    for name, info in infos.items():
+        info["interleaved"] = True
+        info["elapsed_s"] = round(info["engine_start_s"] + sum(
+            c.batch.wall_s for c in cells if c.method == name), 1)
+    return cells, list(infos.values())
+
+
+def _concurrencies(plan: Mapping[str, Mapping[int, Any]]) -> list[int]:
+    return sorted({c for by_c in plan.values() for c in by_c})
+
+
+def cell_order(plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]]
+               ) -> list[tuple[int, str, Sequence[Sequence[int]]]]:
+    """(concurrency, dataset, prompts) in the order a run measures them: concurrency by
+    concurrency, the sets in the plan's order."""
+    return [(c, dataset, by_c[c]) for c in _concurrencies(plan) for dataset, by_c in plan.items()]
+
+
+def interleaved_order(methods: Sequence[Method],
+                      plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]]
+                      ) -> list[tuple[Method, int, str, Sequence[Sequence[int]]]]:
+    """(method, concurrency, dataset, prompts): every cell of `cell_order` with every method in
+    turn, the methods' order reversed from one cell to the next (A B, B A, A B, ...)."""
+    return [(method, concurrency, dataset, prompts)
+            for number, (concurrency, dataset, prompts) in enumerate(cell_order(plan))
+            for method in round_order(methods, number)]
+
+
+def engine_info(method: Method, engine: eng.Engine, started: float, round_index: int
+                ) -> dict[str, Any]:
+    vllm_config = engine.llm.llm_engine.vllm_config
+    return {"name": method.name, "round": round_index,
+            "speculative_config": method.speculative_config,
+            "engine_start_s": round(time.perf_counter() - started, 1),
+            # vLLM turns async scheduling off for most speculative methods; say so next to
+            # the numbers it affects.
+            "async_scheduling": vllm_config.scheduler_config.async_scheduling,
+            "num_speculative_tokens": getattr(vllm_config.speculative_config,
+                                              "num_speculative_tokens", None)}
+
+
+def measure_cell(method: Method, engine: eng.Engine, dataset: str, concurrency: int,
+                 prompts: Sequence[Sequence[int]], params: Any, round_index: int) -> Cell:
+    progress = Progress(f"{method.name} {dataset} c={concurrency}", len(prompts),
+                        params.max_tokens)
+    before = eng.read_counters(engine)
+    batch = eng.generate(engine, prompts, params, concurrency, progress)
+    cell = Cell(method.name, dataset, concurrency, batch,
+                eng.read_counters(engine).minus(before), round_index)
+    print_progress(cell)
+    return cell
 
 
 def print_progress(cell: Cell) -> None:
@@ -178,6 +236,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run every method this many times, each round on fresh engines over "
                              "the same prompts, the order of the methods reversed every other "
                              "round; the report pairs each round with `none`'s (%(default)s)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="load every method's engine at once (fresh ones each round) and run "
+                             "each cell with every method in turn, the order reversed from cell "
+                             "to cell: a tighter pairing than one engine after another, for "
+                             "gaps of a few per cent; the engines share the machine's memory")
     parser.add_argument("--reuse-prompts", action="store_true",
                         help="the old design: every concurrency replays the same first prompts, "
                              "with suffix's global cache and lookahead's shared pool off so that "
@@ -217,7 +280,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
                   plan: Mapping[str, Mapping[int, Sequence[Any]]], estimate_s: float | None,
-                  reuse: bool, rounds: int = 1) -> list[str]:
+                  reuse: bool, rounds: int = 1, interleave: bool = False) -> list[str]:
     sizes = next(iter(plan.values()))
     per_method = sum(len(p) for by_c in plan.values() for p in by_c.values())
     lines = [f"methods: {', '.join(m.name for m in methods)}",
@@ -228,7 +291,9 @@ def describe_plan(methods: Sequence[Method], skipped: Mapping[str, str],
                 else " (each concurrency its own prompts)")
              + f"; {per_method} requests per method"
              + (f" and round, {rounds} rounds (the order reversed every other round)"
-                if rounds > 1 else "")]
+                if rounds > 1 else "")
+             + ("; every method's engine loaded at once, the methods taking turns cell by cell"
+                if interleave else "")]
     if estimate_s is not None:
         lines.append(f"estimated duration: about {duration(estimate_s)} ({round(estimate_s)} s), "
                      "from this model's reference rates on a 2-core CPU (scales with the "
@@ -255,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     estimate = estimate_run_s(args.model, args.dtype, sizes, len(texts), args.max_tokens,
                               args.rounds * len(methods))
     for line in describe_plan(methods, skipped, texts, estimate, args.reuse_prompts,
-                              args.rounds):
+                              args.rounds, args.interleave):
         print(line, flush=True)
     if args.plan:
         return
@@ -277,18 +342,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells: list[Cell] = []
     method_info = []
     run_start = time.perf_counter()
-    runs = [(r, m) for r in range(args.rounds) for m in round_order(methods, r)]
-    for number, (round_index, method) in enumerate(runs, 1):
+    # A run measures one method on its own engine or, interleaved, a round's methods at once.
+    runs = ([(r, round_order(methods, r)) for r in range(args.rounds)] if args.interleave
+            else [(r, [m]) for r in range(args.rounds) for m in round_order(methods, r)])
+    for number, (round_index, group) in enumerate(runs, 1):
         label = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
-        print(f"== {method.name} ({label}method run {number}/{len(runs)})", flush=True)
-        method_cells, info = measure(method, cfg, plan, params, tokenizer, round_index)
-        cells += method_cells
-        method_info.append(info)
+        names = ", ".join(m.name for m in group)
+        print(f"== {names} ({label}run {number}/{len(runs)})", flush=True)
+        if args.interleave:
+            group_cells, infos = measure_interleaved(group, cfg, plan, params, tokenizer,
+                                                     round_index)
+        else:
+            group_cells, info = measure(group[0], cfg, plan, params, tokenizer, round_index)
+            infos = [info]
+        cells += group_cells
+        method_info += infos
         elapsed = time.perf_counter() - run_start
         left = elapsed / number * (len(runs) - number)
-        print(f"== {method.name} done in {duration(info['elapsed_s'])}; run {duration(elapsed)} "
-              f"so far, about {duration(left)} to go", flush=True)
-        # Published after every method, so a run cut short keeps what it measured.
+        print(f"== {names} done; run {duration(elapsed)} so far, about {duration(left)} to go",
+              flush=True)
+        # Published after every run, so a run cut short keeps what it measured.
         complete = number == len(runs)
         try:
             publish(args, cells, run_meta(args, model, cfg, plan, method_info, skipped,
@@ -326,6 +399,7 @@ def run_meta(args: argparse.Namespace, model: Path, cfg: eng.EngineConfig,
         "enforce_eager": args.enforce_eager, "async_scheduling": args.async_scheduling,
         "max_tokens": args.max_tokens, "seed": args.seed, "concurrency": args.concurrency,
         "k": args.k, "reuse_prompts": args.reuse_prompts, "rounds": args.rounds,
+        "interleave": args.interleave,
         "prompts": {name: {str(c): len(p) for c, p in by_c.items()}
                     for name, by_c in plan.items()},
         "pooled_datasets": [d for d in plan if d not in RELATED_SETS],

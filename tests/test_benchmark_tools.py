@@ -324,6 +324,26 @@ def test_rounds_pair_each_method_with_the_baseline_of_its_own_round():
         assert figures.summaries(partial) == figures.summaries(first)
 
 
+def test_an_interleaved_round_runs_every_cell_with_every_method_in_alternating_order():
+    two = [methods.Method(n, None) for n in ("none", "lookahead")]
+    plan = {"gsm8k": {1: [[1]], 8: [[2]] * 8}, "related": {1: [[3]], 8: [[4]] * 8}}
+    order = run.interleaved_order(two, plan)
+    assert [(m.name, c, d) for m, c, d, _ in order] == [
+        ("none", 1, "gsm8k"), ("lookahead", 1, "gsm8k"),
+        ("lookahead", 1, "related"), ("none", 1, "related"),
+        ("none", 8, "gsm8k"), ("lookahead", 8, "gsm8k"),
+        ("lookahead", 8, "related"), ("none", 8, "related")]
+    assert all(prompts is plan[d][c] for _, c, d, prompts in order)
+    # The next round starts with the other method, so each method leads every other cell.
+    swapped = run.interleaved_order(run.round_order(two, 1), plan)
+    assert [m.name for m, *_ in swapped] == ["lookahead", "none", "none", "lookahead"] * 2
+    from benchmarks import report
+
+    assert "ran each cell with every method in turn" in "\n".join(
+        report._rounds([{"method": "lookahead", "concurrency": 8, "dataset": "all",
+                         "speedups": [1.0], "median": 1.0}], interleaved=True))
+
+
 @pytest.mark.parametrize("names", [("gsm8k", "related"), ("mtbench", "followup")])
 def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch, names):
     full = {name: datasets.load_prompts(name) for name in names}
