@@ -130,6 +130,8 @@ class Engine:
     stats_path: Path | None
     """Where a lookahead worker writes its counters, which shows the pool while requests are live
     (each request's pool is freed when it finishes)."""
+    metrics: tuple[Any, ...]
+    """This engine's Prometheus collectors, which `read_counters` reads."""
 
 
 @contextmanager
@@ -159,7 +161,7 @@ def engine(cfg: EngineConfig, speculative_config: Mapping[str, Any] | None) -> I
         finally:
             os.environ.pop(STATS_PATH_ENV, None)
         try:
-            yield Engine(llm, lookahead, stats_path)
+            yield Engine(llm, lookahead, stats_path, tuple(_vllm_collectors()))
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
@@ -332,9 +334,33 @@ class Counters:
         )
 
 
+def _vllm_collectors() -> list[Any]:
+    from prometheus_client import REGISTRY
+
+    # The test vLLM itself uses to find its collectors (`unregister_vllm_metrics`).
+    return [c for c in list(REGISTRY._collector_to_names)
+            if getattr(c, "_name", "").startswith("vllm:")]
+
+
+def _expose_metrics(eng: Engine) -> None:
+    """Puts `eng`'s collectors in the process's Prometheus registry, from which vLLM reads every
+    engine's metrics: building an engine drops the others' collectors from it, so with several
+    engines loaded at once (`benchmarks.run --interleave`) it holds the last one's."""
+    from prometheus_client import REGISTRY
+
+    current = _vllm_collectors()
+    if set(map(id, current)) == set(map(id, eng.metrics)):
+        return
+    for collector in current:
+        REGISTRY.unregister(collector)
+    for collector in eng.metrics:
+        REGISTRY.register(collector)
+
+
 def read_counters(eng: Engine) -> Counters:
     from vllm.v1.metrics.reader import Counter, Vector
 
+    _expose_metrics(eng)
     spec = {m.name.removeprefix("vllm:spec_decode_"): m for m in eng.llm.get_metrics()
             if m.name.startswith("vllm:spec_decode_")}
 

@@ -8,3 +8,6 @@ bash scripts/setup.sh
 .venv/bin/python -m pytest -q "$@"
 # The benchmark harness end to end on the tiny model (a smoke test: its timings mean nothing).
 .venv/bin/python -m benchmarks.run --quick --out "${TMPDIR:-/tmp}/vllm-lookahead-bench-quick"
+# ... and with every method's engine loaded at once, the methods taking turns cell by cell.
+.venv/bin/python -m benchmarks.run --quick --interleave \
+    --out "${TMPDIR:-/tmp}/vllm-lookahead-bench-quick-interleaved"
