@@ -19,7 +19,10 @@
 #   qwen-c8 and qwen-c32 (Qwen bf16, 16 prompts per set with 8 in flight and 32 with 32, 48 new
 #   tokens, the methods at equal K; about 21 and 36 min); smollm2-extra (the four held-out-like
 #   kinds that rework the prompt's text, code-edit, extract, bullets, followup: c=1, 6 prompts
-#   each, two paired rounds, every method and the fixed chain; about 19 min).
+#   each, two paired rounds, every method and the fixed chain; about 19 min);
+#   smollm2-c32-interleaved and qwen-c32-interleaved (lookahead and `none` alone at c=32, three
+#   rounds with both engines loaded at once, the methods taking turns cell by cell; about 18 and
+#   28 min).
 # The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
@@ -48,6 +51,14 @@ SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
                    --out "$OUT/smollm2-135m-k8-c8-rounds")
 SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
                     --out "$OUT/smollm2-135m-k8-c32-rounds")
+# Lookahead against `none` alone at c=32, each round's two engines loaded at once and taking turns
+# cell by cell (--interleave): the pairing for a gap of a few per cent.
+SMOLLM2_C32_INTERLEAVED=("${SMOLLM2[@]}" --methods none,lookahead --rounds 3 --interleave
+                         --num-prompts 64 --concurrency 32
+                         --out "$OUT/smollm2-135m-k8-c32-la-interleaved")
+QWEN_C32_INTERLEAVED=(--model qwen2.5-coder-1.5b --dtype bfloat16 --max-tokens 48
+                      --methods none,lookahead --rounds 3 --interleave --num-prompts 32
+                      --concurrency 32 --out "$OUT/qwen2.5-coder-1.5b-bf16-k8-c32-la-interleaved")
 QWEN_MODEL=(--model qwen2.5-coder-1.5b --dtype bfloat16 --max-tokens 48
             --methods none,lookahead,suffix,ngram)
 QWEN=("${QWEN_MODEL[@]}" --num-prompts 4 --concurrency 1 --out "$OUT/qwen2.5-coder-1.5b-bf16-k8")
@@ -75,9 +86,11 @@ args_of() {
         qwen-c8) ARGS=("${QWEN_C8[@]}") ;;
         qwen-c32) ARGS=("${QWEN_C32[@]}") ;;
         smollm2-extra) ARGS=("${SMOLLM2_EXTRA[@]}") ;;
+        smollm2-c32-interleaved) ARGS=("${SMOLLM2_C32_INTERLEAVED[@]}") ;;
+        qwen-c32-interleaved) ARGS=("${QWEN_C32_INTERLEAVED[@]}") ;;
         *) echo "unknown run $1 (smollm2, smollm2-c1, smollm2-c8, smollm2-c32, qwen," \
                 "smollm2-c1-rounds, smollm2-c8-rounds, smollm2-c32-rounds, qwen-c8," \
-                "qwen-c32, smollm2-extra)" >&2
+                "qwen-c32, smollm2-extra, smollm2-c32-interleaved, qwen-c32-interleaved)" >&2
            exit 2 ;;
     esac
 }
