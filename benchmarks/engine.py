@@ -136,7 +136,7 @@ class Engine:
 
 @contextmanager
 def engine(cfg: EngineConfig, speculative_config: Mapping[str, Any] | None) -> Iterator[Engine]:
-    """One engine, shut down on exit so that the next one gets the machine to itself."""
+    """One engine, shut down on exit so that the next one gets its memory."""
     from vllm import LLM
 
     lookahead = bool(speculative_config) and speculative_config.get("method") == "lookahead"

@@ -89,23 +89,18 @@ def measure(method: Method, cfg: eng.EngineConfig,
             tokenizer: Any, round_index: int = 0) -> tuple[list[Cell], dict[str, Any]]:
     """Every cell of `plan` (dataset -> concurrency -> prompts) on one engine for `method`,
     concurrency by concurrency."""
-    started = time.perf_counter()
-    with eng.engine(cfg, method.speculative_config) as engine:
-        info = engine_info(method, engine, started, round_index)
-        eng.warm_up(engine, tokenizer, max(_concurrencies(plan)))
-        cells = [measure_cell(method, engine, dataset, concurrency, prompts, params, round_index)
-                 for concurrency, dataset, prompts in cell_order(plan)]
-    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    cells, (info,) = measure_together([method], cfg, plan, params, tokenizer, round_index)
     return cells, info
 
 
-def measure_interleaved(methods: Sequence[Method], cfg: eng.EngineConfig,
-                        plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]], params: Any,
-                        tokenizer: Any, round_index: int = 0
-                        ) -> tuple[list[Cell], list[dict[str, Any]]]:
+def measure_together(methods: Sequence[Method], cfg: eng.EngineConfig,
+                     plan: Mapping[str, Mapping[int, Sequence[Sequence[int]]]], params: Any,
+                     tokenizer: Any, round_index: int = 0
+                     ) -> tuple[list[Cell], list[dict[str, Any]]]:
     """Every cell of `plan` for every method, with all the methods' engines loaded at once and
     each cell run by every method in turn, the order reversed from one cell to the next: a
-    drift of the machine's speed during the round falls on both sides of every cell's pair."""
+    drift of the machine's speed during the round falls on both sides of every cell's pair.
+    A method's `elapsed_s` is its engine's start, warm-up and cells, not the others'."""
     cells: list[Cell] = []
     infos: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
@@ -115,13 +110,14 @@ def measure_interleaved(methods: Sequence[Method], cfg: eng.EngineConfig,
             engines[method.name] = stack.enter_context(eng.engine(cfg, method.speculative_config))
             infos[method.name] = engine_info(method, engines[method.name], started, round_index)
             eng.warm_up(engines[method.name], tokenizer, max(_concurrencies(plan)))
+            infos[method.name]["elapsed_s"] = time.perf_counter() - started
         for method, concurrency, dataset, prompts in interleaved_order(methods, plan):
+            started = time.perf_counter()
             cells.append(measure_cell(method, engines[method.name], dataset, concurrency,
                                       prompts, params, round_index))
-    for name, info in infos.items():
-        info["interleaved"] = True
-        info["elapsed_s"] = round(info["engine_start_s"] + sum(
-            c.batch.wall_s for c in cells if c.method == name), 1)
+            infos[method.name]["elapsed_s"] += time.perf_counter() - started
+    for info in infos.values():
+        info["elapsed_s"] = round(info["elapsed_s"], 1)
     return cells, list(infos.values())
 
 
@@ -239,8 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--interleave", action="store_true",
                         help="load every method's engine at once (fresh ones each round) and run "
                              "each cell with every method in turn, the order reversed from cell "
-                             "to cell: a tighter pairing than one engine after another, for "
-                             "gaps of a few per cent; the engines share the machine's memory")
+                             "to cell: a tighter pairing than one engine after another; the "
+                             "engines share the machine's memory (CPU only)")
     parser.add_argument("--reuse-prompts", action="store_true",
                         help="the old design: every concurrency replays the same first prompts, "
                              "with suffix's global cache and lookahead's shared pool off so that "
@@ -266,6 +262,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            if not (k == "datasets" and args.prompts is not None)})
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
+    if args.interleave and args.device == "cuda":
+        # Each vLLM engine on CUDA claims a fixed share of the GPU's memory at start.
+        parser.error("--interleave: CPU only (two CUDA engines would ask for 0.9 of the GPU's "
+                     "memory each)")
     try:
         args.num_prompts = parse_num_prompts(str(args.num_prompts))
     except argparse.ArgumentTypeError as e:
@@ -342,19 +342,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells: list[Cell] = []
     method_info = []
     run_start = time.perf_counter()
-    # A run measures one method on its own engine or, interleaved, a round's methods at once.
+    # Engines loaded together share the machine's memory; one after another, each has it all.
     runs = ([(r, round_order(methods, r)) for r in range(args.rounds)] if args.interleave
             else [(r, [m]) for r in range(args.rounds) for m in round_order(methods, r)])
     for number, (round_index, group) in enumerate(runs, 1):
         label = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
         names = ", ".join(m.name for m in group)
         print(f"== {names} ({label}run {number}/{len(runs)})", flush=True)
-        if args.interleave:
-            group_cells, infos = measure_interleaved(group, cfg, plan, params, tokenizer,
-                                                     round_index)
-        else:
-            group_cells, info = measure(group[0], cfg, plan, params, tokenizer, round_index)
-            infos = [info]
+        group_cells, infos = measure_together(group, cfg, plan, params, tokenizer, round_index)
         cells += group_cells
         method_info += infos
         elapsed = time.perf_counter() - run_start

@@ -334,6 +334,8 @@ def test_an_interleaved_round_runs_every_cell_with_every_method_in_alternating_o
         ("none", 8, "gsm8k"), ("lookahead", 8, "gsm8k"),
         ("lookahead", 8, "related"), ("none", 8, "related")]
     assert all(prompts is plan[d][c] for _, c, d, prompts in order)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--interleave", "--device", "cuda"])
     # The next round starts with the other method, so each method leads every other cell.
     swapped = run.interleaved_order(run.round_order(two, 1), plan)
     assert [m.name for m, *_ in swapped] == ["lookahead", "none", "none", "lookahead"] * 2
