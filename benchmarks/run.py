@@ -342,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells: list[Cell] = []
     method_info = []
     run_start = time.perf_counter()
-    # Engines loaded together share the machine's memory; one after another, each has it all.
+    # Interleaved, a round's engines are loaded together, so that a cell's pair runs back to
+    # back; otherwise each method has the machine to itself.
     runs = ([(r, round_order(methods, r)) for r in range(args.rounds)] if args.interleave
             else [(r, [m]) for r in range(args.rounds) for m in round_order(methods, r)])
     for number, (round_index, group) in enumerate(runs, 1):

@@ -52,7 +52,7 @@ SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
 SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
                     --out "$OUT/smollm2-135m-k8-c32-rounds")
 # Lookahead against `none` alone at c=32, each round's two engines loaded at once and taking turns
-# cell by cell (--interleave): the pairing for a gap of a few per cent.
+# cell by cell (--interleave): a cell's two halves run back to back, not a method run apart.
 SMOLLM2_C32_INTERLEAVED=("${SMOLLM2[@]}" --methods none,lookahead --rounds 3 --interleave
                          --num-prompts 64 --concurrency 32
                          --out "$OUT/smollm2-135m-k8-c32-la-interleaved")
