@@ -10,7 +10,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.labels import BASELINE
+from benchmarks.labels import BASELINE, CONTROL
 from vllm_lookahead.config import MAX_SPEC_LEN, LookaheadConfig, LookaheadConfigError
 
 DEFAULT_K = 8
@@ -47,6 +47,7 @@ def builtin_methods(k: int = DEFAULT_K, suffix_depth: int = SUFFIX_DEFAULT_DEPTH
     lookahead_extra = {"lookahead": lookahead_sharing_off()} if reuse_prompts else {}
     return {
         BASELINE: None,
+        CONTROL: None,
         "ngram": {"method": "ngram", "num_speculative_tokens": k, **NGRAM_LOOKUP},
         "suffix": {"method": "suffix", "num_speculative_tokens": k, **suffix_extra},
         # No K: vLLM sets it to suffix_decoding_max_tree_depth.

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt
 
 from benchmarks.labels import ALL_DATASETS as ALL
-from benchmarks.labels import BASELINE
+from benchmarks.labels import BASELINE, CONTROL
 
 SOURCES = ("candidate_prompt", "candidate_output", "candidate_trajectory", "chained", "jacobi",
            "fill")
@@ -175,14 +175,16 @@ def _rounds(rows: Sequence[Row], interleaved: bool = False) -> list[str]:
     count = len(rows[0]["speedups"])
     firsts: dict[tuple[str, int, str], int] = {}
     for concurrency, dataset in dict.fromkeys((r["concurrency"], r["dataset"]) for r in rows):
-        rivals = [r for r in rows if (r["concurrency"], r["dataset"]) == (concurrency, dataset)]
-        for i in range(count):
+        rivals = [r for r in rows if (r["concurrency"], r["dataset"]) == (concurrency, dataset)
+                  and r["method"] != CONTROL]
+        for i in range(count if rivals else 0):
             best = max(rivals, key=lambda r: r["speedups"][i])
             key = (best["method"], concurrency, dataset)
             firsts[key] = firsts.get(key, 0) + 1
     table = [[row["method"], str(row["concurrency"]), row["dataset"],
               *(_num(x) for x in row["speedups"]), f"**{_num(row['median'])}**",
               f"{sum(x > 1.0 for x in row['speedups'])}/{count}",
+              "-" if row["method"] == CONTROL else
               f"{firsts.get((row['method'], row['concurrency'], row['dataset']), 0)}/{count}"]
              for row in sorted(rows, key=lambda row: (row["concurrency"], row["dataset"]))]
     return ["## Rounds", "",
@@ -195,7 +197,10 @@ def _rounds(rows: Sequence[Row], interleaved: bool = False) -> list[str]:
              "reversed every other round")
             + f"; a round's figure is output tokens/s over `{BASELINE}`'s "
             "in the same round. above: rounds faster than it; first: rounds in which the method "
-            "was the fastest of those drafting."]
+            "was the fastest of those drafting."
+            + (f" `{CONTROL}`: a second engine without speculation (an A/A control), so its "
+               "rounds show how far from 1.00 this run's ratios stray by chance."
+               if any(row["method"] == CONTROL for row in rows) else "")]
 
 
 VERSUS = "lookahead"
