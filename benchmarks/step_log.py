@@ -85,10 +85,14 @@ def run_method(cfg: eng.EngineConfig, tokenizer: Any, prompts: Sequence[Sequence
         return batch.wall_s, steps
 
 
+def decode_only(steps: Sequence[Step]) -> list[Step]:
+    return [s for s in steps if not s.prefills]
+
+
 def decode_fit(steps: Sequence[Step]) -> np.ndarray:
     """(a, b, c) ms of model time over the steps that only decode: per step, row, verified token.
     Without drafts rows and verified tokens are the same, so c alone carries them (b = 0)."""
-    decode = [s for s in steps if not s.prefills]
+    decode = decode_only(steps)
     x = np.array([[1.0, s.rows, s.verified] for s in decode])
     y = np.array([s.model_ms for s in decode])
     if not any(s.drafts for s in decode):
@@ -100,13 +104,13 @@ def decode_fit(steps: Sequence[Step]) -> np.ndarray:
 
 def summary_row(name: str, wall_s: float, steps: Sequence[Step]) -> str:
     """One method's stream as a row under HEADER."""
-    fit = decode_fit(steps)
+    decode = decode_only(steps)
+    fit = decode_fit(decode)
 
     def predicted(s: Step) -> float:
         return float(fit[0] + fit[1] * s.rows + fit[2] * s.verified)
 
     mixed = [s for s in steps if s.prefills]
-    decode = [s for s in steps if not s.prefills]
     extra = sum(s.model_ms - predicted(s) for s in mixed)
     prefill_tokens = sum(s.prefill_tokens for s in mixed)
     model_ms = sum(s.model_ms for s in steps)
