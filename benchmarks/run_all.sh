@@ -21,8 +21,9 @@
 #   kinds that rework the prompt's text, code-edit, extract, bullets, followup: c=1, 6 prompts
 #   each, two paired rounds, every method and the fixed chain; about 19 min);
 #   smollm2-c32-interleaved and qwen-c32-interleaved (lookahead and `none` alone at c=32, three
-#   rounds with both engines loaded at once, the methods taking turns cell by cell; about 18 and
-#   28 min).
+#   rounds with the engines loaded at once, the methods taking turns cell by cell; SmolLM2's with
+#   `none-control`, a second `none` engine whose ratio to the first is the run's resolution;
+#   about 27 and 28 min).
 # The estimates are printed first (from reference rates; they assume
 # every request generates all its tokens and every method runs as fast as `none`), then each cell
 # reports progress.
@@ -51,10 +52,11 @@ SMOLLM2_C8_ROUNDS=("${ROUNDS[@]}" --num-prompts 32 --concurrency 8
                    --out "$OUT/smollm2-135m-k8-c8-rounds")
 SMOLLM2_C32_ROUNDS=("${ROUNDS[@]}" --num-prompts 64 --concurrency 32
                     --out "$OUT/smollm2-135m-k8-c32-rounds")
-# Lookahead against `none` alone at c=32, each round's two engines loaded at once and taking turns
-# cell by cell (--interleave): a cell's two halves run back to back, not a method run apart.
-SMOLLM2_C32_INTERLEAVED=("${SMOLLM2[@]}" --methods none,lookahead --rounds 3 --interleave
-                         --num-prompts 64 --concurrency 32
+# Lookahead against `none` alone at c=32, each round's engines loaded at once and taking turns
+# cell by cell (--interleave): a cell's halves run back to back, not a method run apart. The
+# control (a second `none`) shows how far two identical engines of the run differ.
+SMOLLM2_C32_INTERLEAVED=("${SMOLLM2[@]}" --methods none,none-control,lookahead --rounds 3
+                         --interleave --num-prompts 64 --concurrency 32
                          --out "$OUT/smollm2-135m-k8-c32-la-interleaved")
 QWEN_C32_INTERLEAVED=(--model qwen2.5-coder-1.5b --dtype bfloat16 --max-tokens 48
                       --methods none,lookahead --rounds 3 --interleave --num-prompts 32
