@@ -177,7 +177,9 @@ def _rounds(rows: Sequence[Row], interleaved: bool = False) -> list[str]:
     for concurrency, dataset in dict.fromkeys((r["concurrency"], r["dataset"]) for r in rows):
         rivals = [r for r in rows if (r["concurrency"], r["dataset"]) == (concurrency, dataset)
                   and r["method"] != CONTROL]
-        for i in range(count if rivals else 0):
+        if not rivals:
+            continue
+        for i in range(count):
             best = max(rivals, key=lambda r: r["speedups"][i])
             key = (best["method"], concurrency, dataset)
             firsts[key] = firsts.get(key, 0) + 1

@@ -346,7 +346,6 @@ def test_an_interleaved_round_runs_every_cell_with_every_method_in_alternating_o
                          "speedups": [1.0], "median": 1.0}], interleaved=True))
 
 
-
 def test_an_a_a_control_is_a_second_baseline_engine_that_never_counts_as_leading():
     chosen, _ = methods.select_methods("none-control,lookahead", "", 8)
     assert [(m.name, m.speculative_config) for m in chosen][:2] == [("none", None),
@@ -363,6 +362,7 @@ def test_an_a_a_control_is_a_second_baseline_engine_that_never_counts_as_leading
     assert "A/A control" in text
     assert "| none-control | 32 | all | 1.03 | 0.97 | **1.00** | 1/2 | - |" in "\n".join(
         report._rounds(rows[:1]))
+
 
 @pytest.mark.parametrize("names", [("gsm8k", "related"), ("mtbench", "followup")])
 def test_sets_that_share_a_wheel_share_its_slim_copy(tmp_path, monkeypatch, names):
